@@ -1,0 +1,164 @@
+"""The ``cocorec`` command line.
+
+    cocorec data prepare --dataset ml-100k
+    cocorec data stats --dataset ml-1m-3k
+    cocorec train --dataset ml-100k --backbone din --method base --seed 0 --output runs/din-base-0
+    cocorec demo
+
+Bad input (data, config, model paths) ends with one ``error: ...`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from cocorec.config import ConfigError, parse_assignments  # noqa: E402
+from cocorec.data.errors import DataError  # noqa: E402
+
+# Subcommand modules register themselves here: name -> (add_arguments, handler).
+EXTRA_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="ml-100k", help="ml-100k, ml-1m-3k, or a directory in the generic format")
+    p.add_argument("--data-dir", default=None, help="directory holding the dataset (else $COCOREC_DATA, user cache)")
+    p.add_argument("--download", action="store_true", help="download the official archive if missing (needs internet)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    _add_data_args(p)
+    p.add_argument("--backbone", default="din", help="din | dien | dcnv2 | deepfm | autoint | xdeepfm")
+    p.add_argument("--method", default="base", help="base | kar | r4ec | static | coco | coco-novq | coco-nojudge")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="run directory (metrics.json, checkpoint/, last/ for resume)")
+    p.add_argument("--results", default="runs/results.jsonl", help="JSONL file that gets one line per run")
+    p.add_argument("--epochs", type=int, default=None, help="shorthand for --set train.epochs=N")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda (shorthand for train.device)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a setting, e.g. train.lr=0.002 model.embedding_dim=32 method.codebook_size=8")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch logs")
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from cocorec.data import prepare
+
+    data = prepare(args.dataset, data_dir=args.data_dir, download=args.download)
+    stats = data.stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"dataset {stats['dataset']}: {stats['users']} users, {stats['items']} items, "
+          f"{stats['llm_history_interactions']} LM-history interactions (never samples)")
+    print(f"{'split':<6} {'users':>6} {'samples':>9} {'pos. rate':>9}")
+    for s in ("train", "val", "test"):
+        st = stats[s]
+        print(f"{s:<6} {st['users']:>6} {st['samples']:>9} {st['positive_rate']:>9.4f}")
+    for n in stats["notes"]:
+        print(f"note: {n}")
+    if args.action == "prepare":
+        print(f"processed data key: {data.key}")
+    return 0
+
+
+def build_run_config(args: argparse.Namespace) -> Any:
+    from cocorec.train.run import RunConfig
+
+    cfg = RunConfig(dataset=args.dataset, backbone=args.backbone.lower(), method=args.method.lower(), seed=args.seed,
+                    output=args.output, data_dir=args.data_dir, download=args.download, results=args.results or None,
+                    quiet=args.quiet)
+    sections = parse_assignments(args.overrides)
+    if args.epochs is not None:
+        sections.setdefault("train", {})["epochs"] = str(args.epochs)
+    if args.device is not None:
+        sections.setdefault("train", {})["device"] = args.device
+    return cfg.with_overrides(sections)
+
+
+def _print_metrics(m: dict[str, Any]) -> None:
+    for split in ("val", "test", "test_no_knowledge"):
+        if split in m and m[split]:
+            v = m[split]
+            print(f"{split:<18} AUC {v['auc']:.4f}  LogLoss {v['logloss']:.4f}  GAUC {v['gauc']:.4f}  (n={v['n']})")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cocorec.train.run import run
+
+    cfg = build_run_config(args)
+    metrics = run(cfg)
+    _print_metrics(metrics)
+    if cfg.output:
+        print(f"wrote {cfg.output}/metrics.json")
+    if cfg.results:
+        print(f"appended a line to {cfg.results}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cocorec.train.run import RunConfig, run
+
+    cfg = RunConfig(dataset="ml-100k", backbone="din", method="base", seed=0, output="runs/demo/din-base-0",
+                    results="runs/demo/results.jsonl", data_dir=args.data_dir)
+    _print_metrics(run(cfg))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cocorec", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("data", help="prepare data / show what the protocol produced")
+    p.add_argument("action", choices=["prepare", "stats"])
+    _add_data_args(p)
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.set_defaults(func=cmd_data)
+    p = sub.add_parser("train", help="train and evaluate one backbone + method + seed")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("demo", help="the main job on the embedded default (ml-100k)")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(func=cmd_demo)
+    for name, (add_args, handler) in EXTRA_COMMANDS.items():
+        p = sub.add_parser(name)
+        add_args(p)
+        p.set_defaults(func=handler)
+    return parser
+
+
+def _load_extra_commands() -> None:
+    """Subcommands contributed by other packages (knowledge, bench, report, serve)."""
+    import importlib
+
+    for mod in ("cocorec.knowledge.cli", "cocorec.bench.cli", "cocorec.serve.cli"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if not (e.name and mod.startswith(e.name)):
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    _load_extra_commands()
+    args = make_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (DataError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # LMError and other input errors raised as ValueError subclasses
+        if type(e).__name__ in ("LMError",):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
