@@ -313,7 +313,12 @@ def _col(df: pd.DataFrame, name: str | None, path: Path, role: str) -> pd.Series
 
 def _parse_timestamp(s: pd.Series, df: pd.DataFrame, path: Path, col: str) -> np.ndarray:
     num = pd.to_numeric(s, errors="coerce")
-    if num.notna().all():
+    if num.notna().mean() > 0.5:  # unix seconds; any non-number is an error
+        bad = num.isna()
+        if bad.any():
+            i = int(np.argmax(bad.to_numpy()))
+            raise DataError(f"unparseable timestamp {s.iloc[i]!r}", file=str(path), row=int(df["row"].iloc[i]),
+                            column=col)
         return num.astype(np.int64).to_numpy()
     dt = pd.to_datetime(s, errors="coerce", utc=True, format="mixed")
     bad = dt.isna()

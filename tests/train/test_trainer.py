@@ -1,0 +1,97 @@
+"""Trainer: determinism, early stopping on validation, checkpoints, resume, and an end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cocorec.cli import main
+from cocorec.config import ConfigError
+from cocorec.knowledge.base import build_method
+from cocorec.models import build_model
+from cocorec.train.run import RunConfig, run
+from cocorec.train.trainer import TrainConfig, Trainer
+
+FAST = TrainConfig(epochs=2, batch_size=512, max_steps_per_epoch=15, threads=2)
+
+
+def _trainer(data, out=None, seed=0, epochs=2, backbone="deepfm"):
+    torch.manual_seed(seed)
+    model = build_model(backbone, data.spec)
+    cfg = TrainConfig(**{**FAST.__dict__, "seed": seed, "epochs": epochs})
+    return Trainer(model, build_method("base"), data, cfg, output_dir=out, quiet=True, run_key="k")
+
+
+def test_fixed_seed_gives_identical_metrics(ml100k):
+    a = _trainer(ml100k, seed=3)
+    a.fit()
+    b = _trainer(ml100k, seed=3)
+    b.fit()
+    np.testing.assert_array_equal(a.predict("test")["prob"], b.predict("test")["prob"])
+
+
+def test_resume_matches_uninterrupted(ml100k, tmp_path):
+    full = _trainer(ml100k, tmp_path / "full", epochs=3)
+    full.fit()
+    part = _trainer(ml100k, tmp_path / "part", epochs=1)  # "killed" after one epoch
+    part.fit()
+    resumed = _trainer(ml100k, tmp_path / "part", epochs=3)
+    resumed.fit()
+    assert resumed.epoch == 3 and len(resumed.history) == 3
+    np.testing.assert_allclose(resumed.predict("test")["prob"], full.predict("test")["prob"], rtol=0, atol=1e-6)
+
+
+def test_best_checkpoint_is_safetensors_and_reloads(ml100k, tmp_path):
+    t = _trainer(ml100k, tmp_path / "r")
+    t.fit()
+    ck = tmp_path / "r" / "checkpoint"
+    assert (ck / "model.safetensors").is_file() and (ck / "trainer.json").is_file()
+    fresh = _trainer(ml100k)
+    fresh.load_checkpoint(ck)
+    np.testing.assert_array_equal(fresh.predict("val")["prob"], t.predict("val")["prob"])
+    # the restored model is the best epoch on validation, never chosen on test
+    best = max(h["val_auc"] for h in t.history)
+    assert abs(t.evaluate("val")["auc"] - best) < 1e-9
+
+
+def test_run_writes_metrics_and_appends_results(ml100k, tmp_path):
+    cfg = RunConfig(dataset="ml-100k", backbone="din", seed=1, output=str(tmp_path / "o"),
+                    results=str(tmp_path / "results.jsonl"), quiet=True, train=FAST)
+    m = run(cfg, data=ml100k)
+    saved = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    for split in ("val", "test"):
+        assert {"auc", "logloss", "gauc"} <= set(saved[split])
+    assert "gender x age_group" in saved["groups"]["test"]
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    rec = json.loads(lines[-1])
+    assert rec["backbone"] == "din" and rec["method"] == "base" and rec["seed"] == 1 and rec["git_sha"]
+    assert rec["metrics"]["test"]["auc"] == m["test"]["auc"]
+    assert json.loads((tmp_path / "o" / "checkpoint" / "config.json").read_text())["backbone"] == "din"
+
+
+def test_overrides_reject_unknown_keys_and_wrong_types():
+    cfg = RunConfig(backbone="din")
+    with pytest.raises(ConfigError, match="unknown key 'lrate'"):
+        cfg.with_overrides({"train": {"lrate": "1"}})
+    with pytest.raises(ConfigError, match="expected a number"):
+        cfg.with_overrides({"train": {"lr": "fast"}})
+    with pytest.raises(ConfigError, match="unknown key 'hidden'"):
+        cfg.with_overrides({"model": {"hidden": "3"}})
+    ok = cfg.with_overrides({"train": {"lr": "0.01"}, "model": {"embedding_dim": "8"}})
+    assert ok.train.lr == 0.01 and ok.model == {"embedding_dim": 8}
+    assert ok.key() != cfg.key()
+
+
+@pytest.mark.slow
+def test_end_to_end_cli_auc_well_above_chance(ml100k, tmp_path, capsys):
+    out = tmp_path / "e2e"
+    rc = main(["train", "--dataset", "ml-100k", "--backbone", "din", "--method", "base", "--seed", "0",
+               "--output", str(out), "--results", str(tmp_path / "res.jsonl"), "--epochs", "2", "--quiet",
+               "--set", "train.threads=2"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test"]["auc"] > 0.70 and m["val"]["auc"] > 0.70
+    assert "test" in capsys.readouterr().out
