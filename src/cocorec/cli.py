@@ -109,6 +109,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from cocorec.serve import load_scorer
+
+    scorer = load_scorer(args.run, data_dir=args.data_dir)
+    items = [i.strip() for i in args.items.split(",") if i.strip()]
+    scores = scorer.score_user(args.user, items)
+    for item, p in sorted(zip(items, scores), key=lambda t: -t[1]):
+        print(f"{item}\t{p:.4f}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cocorec", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +131,12 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train and evaluate one backbone + method + seed")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("score", help="score candidate items for a user with a trained run (no retraining)")
+    p.add_argument("--run", required=True, help="run directory written by 'cocorec train --output'")
+    p.add_argument("--user", required=True, help="the dataset's own user id")
+    p.add_argument("--items", required=True, help="comma-separated item ids")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(func=cmd_score)
     p = sub.add_parser("demo", help="the main job on the embedded default (ml-100k)")
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=cmd_demo)
