@@ -1,8 +1,8 @@
 """DIEN (Zhou et al., 2019): Deep Interest Evolution Network.
 
-1. **Interest extractor**: a GRU over the behaviour sequence. The history is left-padded
-   (most recent last); its valid items are first moved to the front of each row (order kept)
-   and the GRU runs on the packed sequence, so padding never enters a state.
+1. **Interest extractor**: a GRU over the behaviour sequence (left-padded, most recent last).
+   Padded steps are skipped (the state is carried over them unchanged), so padding never
+   enters a state, whatever its content.
 2. **Attention** of the target item over the extractor states (bilinear, softmax over the
    valid positions, as in the paper: ``a_t = softmax(h_t W e_target)``).
 3. **Interest evolution**: an AUGRU (GRU whose update gate is scaled by the attention score,
@@ -25,7 +25,6 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from cocorec.data.protocol import FeatureSpec
 from cocorec.models.base import BaseModel, Inputs, register
@@ -33,10 +32,12 @@ from cocorec.models.din import dnn
 
 
 class AUGRUCell(nn.Module):
-    """GRU with attentional update gate (DIEN eq. 15-16).
+    """GRU cell with an optional attentional update gate (DIEN eq. 15-16).
 
-    ``u' = a * u``; ``h = (1 - u') * h_prev + u' * h_tilde``, where r, u and h_tilde are the
-    usual GRU reset gate, update gate and candidate state. With ``a = 0`` the state is kept.
+    ``r = sigmoid(W_r x + U_r h + b_r)``, ``u = sigmoid(W_u x + U_u h + b_u)``,
+    ``h_tilde = tanh(W_h x + r * (U_h h + b_h') + b_h)``, ``h' = (1 - u') * h + u' * h_tilde``
+    with ``u' = a * u`` (AUGRU) or ``u' = u`` without attention (a plain GRU, which is how the
+    interest extractor uses it). With ``a = 0`` the state is kept.
     """
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
@@ -45,17 +46,38 @@ class AUGRUCell(nn.Module):
         self.x2h = nn.Linear(input_size, 3 * hidden_size)
         self.h2h = nn.Linear(hidden_size, 3 * hidden_size)
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, att: torch.Tensor,
-                x_proj: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, I] (or its projection ``x_proj`` [B, 3H], precomputed), h [B, H], att [B, 1]."""
-        gx = self.x2h(x) if x_proj is None else x_proj
-        gh = self.h2h(h)
-        xr, xu, xn = gx.chunk(3, dim=-1)
-        hr, hu, hn = gh.chunk(3, dim=-1)
+    def forward(self, x: torch.Tensor, h: torch.Tensor, att: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, I], h [B, H], att [B, 1] or None -> next state [B, H]."""
+        return self.step(*self.x2h(x).chunk(3, dim=-1), h, att)
+
+    def step(self, xr: torch.Tensor, xu: torch.Tensor, xn: torch.Tensor, h: torch.Tensor,
+             att: torch.Tensor | None = None) -> torch.Tensor:
+        """One step from the input projection ``x2h(x)`` split in three."""
+        hr, hu, hn = self.h2h(h).chunk(3, dim=-1)
         r = torch.sigmoid(xr + hr)
-        u = torch.sigmoid(xu + hu) * att
+        u = torch.sigmoid(xu + hu)
+        if att is not None:
+            u = u * att
         n = torch.tanh(xn + r * hn)
         return (1.0 - u) * h + u * n
+
+    def run(self, seq: torch.Tensor, valid: torch.Tensor, att: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run over seq [B, T, I] from a zero state, skipping invalid steps (valid [B, T]; the state
+        is carried over them unchanged). Returns the states [B, T, H] (0 at invalid steps) and the
+        final state [B, H] (the state after the last valid step)."""
+        b = seq.shape[0]
+        # Input projections of all steps in one GEMM, split and unbound outside the loop
+        # (slicing [:, t] per step would zero-fill a [B, T, 3H] gradient per step in the backward).
+        xr, xu, xn = (g.unbind(1) for g in self.x2h(seq).chunk(3, dim=-1))
+        vs = valid.unsqueeze(-1).unbind(1)
+        atts = att.unsqueeze(-1).unbind(1) if att is not None else [None] * len(vs)
+        h = seq.new_zeros(b, self.hidden_size)
+        states = []
+        for t, (v_t, a_t) in enumerate(zip(vs, atts)):
+            h = torch.where(v_t, self.step(xr[t], xu[t], xn[t], h, a_t), h)
+            states.append(h)
+        return torch.stack(states, 1) * valid.unsqueeze(-1), h
 
 
 @register("dien")
@@ -67,7 +89,7 @@ class DIEN(BaseModel):
         super().__init__(spec, knowledge_dims, embedding_dim, **kw)
         di = self.item_dim
         hid = gru_hidden or di
-        self.extractor = nn.GRU(di, hid, batch_first=True)
+        self.extractor = AUGRUCell(di, hid)                   # used as a plain GRU (no attention)
         self.att_w = nn.Linear(di, hid, bias=False)           # bilinear attention h_t W e_target
         self.evolution = AUGRUCell(hid, hid)
         self.aux_loss_weight = float(aux_loss_weight)
@@ -79,26 +101,12 @@ class DIEN(BaseModel):
 
     def evolved_interest(self, x: Inputs) -> torch.Tensor:
         """Final AUGRU state [B, H]; sets ``self.aux_loss``."""
-        b, t_len, _ = x.hist.shape
-        lengths = x.mask.sum(1)                                              # [B]
-        # Valid items first, order kept (the history is left-padded: this right-pads it).
-        order = torch.argsort((~x.mask).to(torch.int8), dim=1, stable=True)
-        valid = torch.arange(t_len, device=x.mask.device).unsqueeze(0) < lengths.unsqueeze(1)  # [B, T]
-        seq = x.hist.gather(1, order.unsqueeze(-1).expand_as(x.hist)) * valid.unsqueeze(-1)
-        packed = pack_padded_sequence(seq, lengths.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False)
-        states, _ = pad_packed_sequence(self.extractor(packed)[0], batch_first=True, total_length=t_len)
-        states = states * valid.unsqueeze(-1)                                # [B, T, H]; rows w/o history -> 0
-
+        valid = x.mask
+        states, _ = self.extractor.run(x.hist, valid)                        # [B, T, H], 0 at padding
         scores = torch.einsum("bth,bh->bt", states, self.att_w(x.target))
-        att = torch.softmax(scores.masked_fill(~valid, torch.finfo(scores.dtype).min), dim=1) * valid  # 0 at padding / empty rows
-
-        proj = self.evolution.x2h(states)                                    # [B, T, 3H], once for all steps
-        h = states.new_zeros(b, states.shape[-1])
-        for t in range(t_len):
-            nxt = self.evolution(states[:, t], h, att[:, t:t + 1], x_proj=proj[:, t])
-            h = torch.where(valid[:, t:t + 1], nxt, h)
-
-        self.aux_loss = self._aux_loss(states, seq, valid) if self.aux_net is not None and self.training \
+        att = torch.softmax(scores.masked_fill(~valid, torch.finfo(scores.dtype).min), dim=1) * valid
+        _, h = self.evolution.run(states, valid, att)                        # 0 for rows without history
+        self.aux_loss = self._aux_loss(states, x.hist, valid) if self.aux_net is not None and self.training \
             else states.new_zeros(())
         return h
 
@@ -108,12 +116,11 @@ class DIEN(BaseModel):
         perm = torch.randperm(b, device=seq.device)
         neg, neg_valid = seq[perm], valid[perm]
         h = states[:, :-1]                                                   # h_t predicts e_{t+1}
-        pos_mask = valid[:, 1:]                                              # implies valid[:, :-1]
-        pair_mask = pos_mask & neg_valid[:, 1:]
+        pair_mask = valid[:, :-1] & valid[:, 1:] & neg_valid[:, 1:]
         if not bool(pair_mask.any()):
             return states.new_zeros(())
-        pos_logit = self.aux_net(torch.cat([h, seq[:, 1:]], -1)).squeeze(-1)[pair_mask]
-        neg_logit = self.aux_net(torch.cat([h, neg[:, 1:]], -1)).squeeze(-1)[pair_mask]
+        pos_logit = self.aux_net(torch.cat([h, seq[:, 1:]], -1)[pair_mask]).squeeze(-1)
+        neg_logit = self.aux_net(torch.cat([h, neg[:, 1:]], -1)[pair_mask]).squeeze(-1)
         loss = F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit)) + \
             F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit))
         return self.aux_loss_weight * loss

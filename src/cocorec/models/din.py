@@ -39,16 +39,17 @@ class Dice(nn.Module):
         self.register_buffer("running_var", torch.ones(dim))
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
-        if self.training and s.shape[0] > 1:
-            mean = s.mean(0)
-            var = s.var(0, unbiased=False)
+        x = s.float()                                   # statistics in float32, also under autocast
+        if self.training and x.shape[0] > 1:
+            mean = x.mean(0)
+            var = x.var(0, unbiased=False)
             with torch.no_grad():
                 self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_var.lerp_(s.detach().var(0, unbiased=True), self.momentum)
+                self.running_var.lerp_(x.detach().var(0, unbiased=True), self.momentum)
         else:
             mean, var = self.running_mean, self.running_var
-        p = torch.sigmoid((s - mean) * torch.rsqrt(var + self.eps))
-        return p * s + (1.0 - p) * self.alpha * s
+        p = torch.sigmoid((x - mean) * torch.rsqrt(var + self.eps))
+        return (p * x + (1.0 - p) * self.alpha * x).to(s.dtype)
 
 
 ACTIVATIONS = ("dice", "prelu", "relu")
@@ -99,7 +100,7 @@ class DIN(BaseModel):
         h = x.hist[mask]                                                # [N, Di] valid positions only
         t = x.target.unsqueeze(1).expand_as(x.hist)[mask]               # [N, Di]
         w = self.attention(torch.cat([t, h, t - h, t * h], dim=-1)).squeeze(-1)  # [N]
-        weights = x.hist.new_zeros(mask.shape).masked_scatter(mask, w)  # [B, T], 0 at padding
+        weights = w.new_zeros(mask.shape).masked_scatter(mask, w)       # [B, T], 0 at padding
         return torch.einsum("bt,btd->bd", weights, x.hist)
 
     def score(self, x: Inputs) -> torch.Tensor:

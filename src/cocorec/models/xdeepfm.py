@@ -30,11 +30,13 @@ class CIN(nn.Module):
         if not layer_sizes:
             raise ValueError("CIN needs at least one layer")
         self.split_half = split_half
+        # The paper's 1x1 convolutions over the H_{k-1} * F product maps, as linear layers on a
+        # channels-last layout (one GEMM; much faster than Conv1d on CPU).
         self.convs = nn.ModuleList()
         self.next_sizes: list[int] = []
         prev, self.output_dim = num_fields, 0
         for i, h in enumerate(layer_sizes):
-            self.convs.append(nn.Conv1d(prev * num_fields, h, kernel_size=1))
+            self.convs.append(nn.Linear(prev * num_fields, h))
             last = i == len(layer_sizes) - 1
             nxt = h // 2 if split_half and not last else h
             if nxt < 1:
@@ -45,16 +47,17 @@ class CIN(nn.Module):
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         b, f, d = x0.shape
+        x0 = x0.transpose(1, 2)                                          # [B, d, F], channels last
         xk, pooled = x0, []
         for i, conv in enumerate(self.convs):
-            z = (xk.unsqueeze(2) * x0.unsqueeze(1)).reshape(b, -1, d)    # [B, H_{k-1} * F, d]
-            h = conv(z)                                                  # [B, H_k, d]
+            z = (xk.unsqueeze(3) * x0.unsqueeze(2)).reshape(b, d, -1)    # [B, d, H_{k-1} * F]
+            h = conv(z)                                                  # [B, d, H_k]
             last = i == len(self.convs) - 1
             if self.split_half and not last:
-                xk, out = h.split([self.next_sizes[i], h.shape[1] - self.next_sizes[i]], dim=1)
+                xk, out = h.split([self.next_sizes[i], h.shape[-1] - self.next_sizes[i]], dim=-1)
             else:
                 xk, out = h, h
-            pooled.append(out.sum(-1))
+            pooled.append(out.sum(1))                                    # sum pooling over d
         return torch.cat(pooled, dim=1)
 
 
