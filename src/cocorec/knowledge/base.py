@@ -73,7 +73,7 @@ class KnowledgeMethod(nn.Module):
         if aux is not None:
             loss = loss + aux
             logs["aux"] = float(aux.detach())
-        return loss, logs
+        return add_backbone_aux_loss(model, loss, logs), logs
 
     def on_epoch_end(self, epoch: int) -> None:
         """Hook for schedules (e.g. CoCo contradiction phases, cache rebuilds)."""
@@ -91,6 +91,15 @@ class KnowledgeMethod(nn.Module):
     def config_dict(self) -> dict[str, Any]:
         """The method's settings (JSON), stored in the checkpoint and the results line."""
         return {}
+
+
+def add_backbone_aux_loss(model: nn.Module, loss: torch.Tensor, logs: dict[str, float]) -> torch.Tensor:
+    """Add a backbone's own auxiliary loss (DIEN's interest-extractor loss), set during its forward."""
+    aux = getattr(model, "aux_loss", None)
+    if torch.is_tensor(aux) and aux.requires_grad:
+        logs["backbone_aux"] = float(aux.detach())
+        return loss + aux
+    return loss
 
 
 METHODS: dict[str, Callable[..., KnowledgeMethod]] = {"base": KnowledgeMethod}
