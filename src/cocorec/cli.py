@@ -101,12 +101,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cocorec.train.run import RunConfig, run
+    from cocorec.bench.demo import run_demo
 
-    cfg = RunConfig(dataset="ml-100k", backbone="din", method="base", seed=0, output="runs/demo/din-base-0",
-                    results="runs/demo/results.jsonl", data_dir=args.data_dir)
-    _print_metrics(run(cfg))
-    return 0
+    return run_demo(data_dir=args.data_dir, quick=True)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -141,7 +138,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=cmd_demo)
     for name, (add_args, handler) in EXTRA_COMMANDS.items():
-        p = sub.add_parser(name)
+        p = sub.add_parser(name, help=(handler.__doc__ or "").strip().split("\n")[0] or None)
         add_args(p)
         p.set_defaults(func=handler)
     return parser

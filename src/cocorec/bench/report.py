@@ -1,0 +1,502 @@
+"""Aggregate a results JSONL (one line per run) into a Markdown report.
+
+Per dataset:
+
+* a compact test-AUC matrix (backbone x method, mean ± std over seeds);
+* the full table: test AUC, LogLoss, GAUC (mean ± sample std, ddof=1), seeds present, RelaImpr over
+  ``base`` of the same backbone (by mean AUC), the seed-paired difference to ``kar`` with a paired
+  t-test (``scipy.stats.ttest_rel``; "n/a" with fewer than 2 pairs), test AUC with the knowledge
+  zeroed, and cost (wall time, train time, peak memory, LM tokens when a method reports ``lm_tokens``);
+* the per-group table (``gender x age_group`` when present): base, kar and coco test AUC per group,
+  and for every knowledge method the groups whose AUC drops below base;
+* scalar method diagnostics (codebook perplexity, contradiction rate, ...).
+
+Missing runs show as "—" (and "missing" in the seeds column); failures recorded by ``cocorec bench``
+(``failures.jsonl`` next to the results) are listed. When a run key appears more than once the latest
+line wins; so does the latest line of a (dataset, backbone, method, seed) run under different configs.
+
+Example:
+    >>> recs = [{"dataset": "d", "backbone": "din", "method": m, "seed": s, "run_key": f"{m}{s}",
+    ...          "metrics": {"test": {"auc": a, "logloss": 0.5, "gauc": a}}}
+    ...         for m, s, a in [("base", 0, 0.70), ("base", 1, 0.72), ("kar", 0, 0.73), ("kar", 1, 0.75)]]
+    >>> cell = aggregate(recs)["d"]["cells"]["din"]["kar"]
+    >>> round(cell["auc"]["mean"], 4), round(cell["rela_impr"], 2)
+    (0.74, 14.29)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from cocorec.eval.metrics import rela_impr
+
+BACKBONE_ORDER = ["din", "dien", "dcnv2", "deepfm", "autoint", "xdeepfm"]
+METHOD_ORDER = ["base", "static", "kar", "r4ec", "coco", "coco-novq", "coco-nojudge"]
+GROUP_METHODS = ["base", "kar", "coco"]
+PREFERRED_GROUPING = "gender x age_group"
+DASH = "—"
+
+
+# ----------------------------------------------------------------------------- loading
+def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every well-formed JSON object line of a results file (missing file: empty list)."""
+    from cocorec.bench.grid import read_jsonl
+
+    return [r for r in read_jsonl(path) if r.get("dataset") and r.get("method")]
+
+
+def latest_runs(records: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The latest line per run key, then per (dataset, backbone, method, seed); and how many were dropped.
+
+    "Latest" is file order (lines are appended). Runs come back in the order of their kept lines.
+    """
+    records = list(records)
+    last_of_key: dict[Any, int] = {}
+    for i, r in enumerate(records):
+        last_of_key[r.get("run_key") or f"#line{i}"] = i
+    last_of_cell: dict[tuple, int] = {}
+    for i in sorted(last_of_key.values()):
+        last_of_cell[_cell_id(records[i])] = i
+    kept = [dict(records[i]) for i in sorted(last_of_cell.values())]
+    return kept, len(records) - len(kept)
+
+
+def _cell_id(r: Mapping[str, Any]) -> tuple:
+    return (str(r.get("dataset")), str(r.get("backbone")), str(r.get("method")), int(r.get("seed") or 0))
+
+
+def _ordered(names: Iterable[str], order: list[str]) -> list[str]:
+    names = set(names)
+    return [n for n in order if n in names] + sorted(n for n in names if n not in order)
+
+
+# ----------------------------------------------------------------------------- statistics
+def mean_std(values: Iterable[float | None]) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof=1; None with one value) of the finite values."""
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    if not v:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else None, "n": len(v)}
+
+
+def paired_ttest(a: Mapping[Any, float], b: Mapping[Any, float]) -> dict[str, Any]:
+    """Paired t-test of a vs b over the keys (seeds) both have: mean difference a - b, t, two-sided p.
+
+    ``p`` is None with fewer than 2 pairs or when the test is undefined (identical differences).
+
+    Example:
+        >>> r = paired_ttest({0: 0.71, 1: 0.74, 2: 0.73}, {0: 0.70, 1: 0.72, 2: 0.73})
+        >>> r["n_pairs"], round(r["mean_diff"], 4)
+        (3, 0.01)
+    """
+    seeds = sorted(set(a) & set(b), key=str)
+    pairs = [(float(a[s]), float(b[s])) for s in seeds if a[s] is not None and b[s] is not None]
+    out: dict[str, Any] = {"n_pairs": len(pairs), "mean_diff": None, "t": None, "p": None}
+    if not pairs:
+        return out
+    x = np.array([p[0] for p in pairs])
+    y = np.array([p[1] for p in pairs])
+    out["mean_diff"] = float(np.mean(x - y))
+    if len(pairs) < 2:
+        return out
+    import warnings
+
+    from scipy import stats
+
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # near-identical pairs: scipy warns, we report inf/nan
+        res = stats.ttest_rel(x, y)
+    t, p = float(res.statistic), float(res.pvalue)
+    out["t"] = t if math.isfinite(t) else None
+    out["p"] = p if math.isfinite(p) else None
+    return out
+
+
+def _get(d: Any, *path: str) -> Any:
+    for k in path:
+        if not isinstance(d, Mapping):
+            return None
+        d = d.get(k)
+    return d
+
+
+def find_key(d: Any, name: str) -> Any:
+    """The first value stored under key ``name`` anywhere in nested dicts (depth first)."""
+    if isinstance(d, Mapping):
+        if name in d:
+            return d[name]
+        for v in d.values():
+            r = find_key(v, name)
+            if r is not None:
+                return r
+    return None
+
+
+def flatten_scalars(d: Any, prefix: str = "") -> dict[str, float]:
+    """Numeric scalars of nested dicts as dotted keys (lists and strings are skipped)."""
+    out: dict[str, float] = {}
+    if isinstance(d, Mapping):
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, bool):
+                continue
+            if isinstance(v, (int, float)) and math.isfinite(float(v)):
+                out[key] = float(v)
+            elif isinstance(v, Mapping):
+                out.update(flatten_scalars(v, key))
+    return out
+
+
+def choose_grouping(records: Iterable[Mapping[str, Any]]) -> str | None:
+    names: dict[str, int] = {}
+    for r in records:
+        for g, groups in (_get(r, "groups", "test") or {}).items():
+            names[g] = max(names.get(g, 0), len(groups or {}))
+    if not names:
+        return None
+    if PREFERRED_GROUPING in names:
+        return PREFERRED_GROUPING
+    return max(names, key=lambda g: (names[g], g))
+
+
+def aggregate(records: Iterable[Mapping[str, Any]], hurt_margin: float = 0.001) -> dict[str, Any]:
+    """Per dataset: backbones, methods, seeds and one cell per (backbone, method) with statistics.
+
+    ``records`` are deduplicated first (:func:`latest_runs`). A group is *hurt* by a method when its
+    mean test AUC is more than ``hurt_margin`` below base's (same backbone).
+    """
+    runs, _ = latest_runs(records)
+    out: dict[str, Any] = {}
+    for dataset in list(dict.fromkeys(str(r["dataset"]) for r in runs)):
+        rs = [r for r in runs if str(r["dataset"]) == dataset]
+        backbones = _ordered({str(r.get("backbone")) for r in rs}, BACKBONE_ORDER)
+        methods = _ordered({str(r.get("method")) for r in rs}, METHOD_ORDER)
+        seeds = sorted({int(r.get("seed") or 0) for r in rs})
+        grouping = choose_grouping(rs)
+        cells: dict[str, dict[str, Any]] = {}
+        for b in backbones:
+            cells[b] = {}
+            for m in methods:
+                cr = [r for r in rs if str(r.get("backbone")) == b and str(r.get("method")) == m]
+                if cr:
+                    cells[b][m] = _cell(cr, grouping)
+            for m, c in cells[b].items():
+                base = cells[b].get("base")
+                kar = cells[b].get("kar")
+                bm = base["auc"]["mean"] if base else None
+                c["rela_impr"] = (rela_impr(c["auc"]["mean"], bm)
+                                  if bm is not None and c["auc"]["mean"] is not None and bm != 0.5 else None)
+                c["vs_kar"] = paired_ttest(c["auc_by_seed"], kar["auc_by_seed"]) if kar and m != "kar" else None
+                c["group_delta"], c["hurts"] = {}, []
+                if base and m != "base":
+                    for g, st in c["groups"].items():
+                        bg = base["groups"].get(g, {}).get("auc")
+                        if st.get("auc") is not None and bg is not None:
+                            d = st["auc"] - bg
+                            c["group_delta"][g] = d
+                            if d < -hurt_margin:
+                                c["hurts"].append(g)
+        out[dataset] = {"backbones": backbones, "methods": methods, "seeds": seeds, "grouping": grouping,
+                        "cells": cells, "lm_tokens": any(c.get("lm_tokens") is not None
+                                                         for row in cells.values() for c in row.values())}
+    return out
+
+
+def _cell(rs: list[Mapping[str, Any]], grouping: str | None) -> dict[str, Any]:
+    test = [_get(r, "metrics", "test") or {} for r in rs]
+    cell: dict[str, Any] = {
+        "seeds": sorted(int(r.get("seed") or 0) for r in rs),
+        "auc_by_seed": {int(r.get("seed") or 0): t.get("auc") for r, t in zip(rs, test) if t.get("auc") is not None},
+    }
+    for k in ("auc", "logloss", "gauc"):
+        cell[k] = mean_std(t.get(k) for t in test)
+    cell["n"] = len(rs)  # runs (seeds) present; a run without a test AUC still counts as present
+    cell["val_auc"] = mean_std(_get(r, "metrics", "val", "auc") for r in rs)
+    cell["auc_no_knowledge"] = mean_std(_get(r, "metrics", "test_no_knowledge", "auc") for r in rs)
+    for k in ("wall_seconds", "train_seconds", "samples_per_s"):
+        cell[k] = mean_std(_get(r, "cost", k) for r in rs)["mean"]
+    mem = [_get(r, "cost", "peak_memory_mb") for r in rs]
+    mem = [float(x) for x in mem if isinstance(x, (int, float))]
+    cell["peak_memory_mb"] = max(mem) if mem else None
+    tok = [find_key(r.get("diagnostics"), "lm_tokens") for r in rs]
+    cell["lm_tokens"] = mean_std(t for t in tok if isinstance(t, (int, float)) and not isinstance(t, bool))["mean"]
+    diag = [flatten_scalars(r.get("diagnostics") or {}) for r in rs]
+    cell["diagnostics"] = {k: mean_std(d.get(k) for d in diag)["mean"]
+                           for k in dict.fromkeys(k for d in diag for k in d)}
+    groups: dict[str, dict[str, Any]] = {}
+    if grouping:
+        per_seed = [(_get(r, "groups", "test", grouping) or {}) for r in rs]
+        for g in dict.fromkeys(g for ps in per_seed for g in ps):
+            entries = [ps[g] for ps in per_seed if g in ps]
+            groups[g] = {"auc": mean_std(e.get("auc") for e in entries)["mean"],
+                         "n": mean_std(e.get("n") for e in entries)["mean"],
+                         "users": mean_std(e.get("users") for e in entries)["mean"]}
+    cell["groups"] = groups
+    return cell
+
+
+# ----------------------------------------------------------------------------- rendering
+def _f(x: Any, digits: int = 4, signed: bool = False) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return DASH
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def _ms(st: Mapping[str, Any] | None, digits: int = 4) -> str:
+    if not st or st.get("mean") is None:
+        return DASH
+    s = _f(st["mean"], digits)
+    return s + (f" ± {st['std']:.{digits}f}" if st.get("std") is not None else "")
+
+
+def _p(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def _num(x: Any) -> str:
+    if x is None:
+        return DASH
+    x = float(x)
+    if abs(x) >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if abs(x) >= 1e4:
+        return f"{x / 1e3:.1f}k"
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}"
+
+
+def _int(x: Any) -> str:
+    return DASH if x is None else f"{float(x):.0f}"
+
+
+def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
+    align = align or ("l" * 2 + "r" * (len(header) - 2))
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return lines
+
+
+def _expected_from_grid(grid: Any) -> dict[str, dict[str, Any]]:
+    exp: dict[str, dict[str, Any]] = {}
+    for d in grid.datasets:
+        exp[d] = {"backbones": [b.lower() for b in grid.backbones], "methods": [m.lower() for m in grid.methods],
+                  "seeds": list(grid.seeds)}
+    return exp
+
+
+def render_report(records: Iterable[Mapping[str, Any]], *, results_path: str | None = None,
+                  failures: Iterable[Mapping[str, Any]] = (), grid: Any = None,
+                  plots: Mapping[str, str] | None = None, hurt_margin: float = 0.001) -> str:
+    """The Markdown report of ``records`` (results lines). ``plots``: title -> relative PNG path."""
+    records = list(records)
+    runs, superseded = latest_runs(records)
+    agg = aggregate(runs, hurt_margin=hurt_margin)
+    expected = _expected_from_grid(grid) if grid is not None else {}
+    for d, e in expected.items():  # datasets of the grid with no results at all still get a table
+        agg.setdefault(d, {"backbones": [], "methods": [], "seeds": [], "grouping": None, "cells": {},
+                           "lm_tokens": False})
+    L: list[str] = ["# cocorec benchmark report", ""]
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    shas = sorted({str(r.get("git_sha")) for r in runs if r.get("git_sha")})
+    L.append(f"Generated {now} from `{results_path or 'results'}`: {len(records)} result lines, "
+             f"{len(runs)} runs used" + (f" ({superseded} older lines superseded by a later line of the same run)"
+                                          if superseded else "") + ".")
+    if shas:
+        L.append(f"Code version(s): {', '.join(f'`{s}`' for s in shas)}.")
+    L += ["", "Test metrics are mean ± sample std (ddof=1) over seeds. "
+          "RelaImpr = ((AUC − 0.5) / (AUC_base − 0.5) − 1) × 100 by mean test AUC against `base` on the same "
+          "backbone. \"Δ AUC vs kar\" is the mean seed-paired test-AUC difference to `kar` with a two-sided "
+          "paired t-test (scipy `ttest_rel`; n/a with < 2 seed pairs). "
+          "\"AUC k=0\" is the same trained model with its knowledge fields zeroed. "
+          f"\"{DASH}\" marks a missing run. Model selection used validation only.", ""]
+    if not agg:
+        L += ["No results yet.", ""]
+    failures = list(failures)
+    for dataset, a in agg.items():
+        e = expected.get(dataset, {})
+        backbones = _ordered(set(a["backbones"]) | set(e.get("backbones", [])), BACKBONE_ORDER)
+        methods = _ordered(set(a["methods"]) | set(e.get("methods", [])), METHOD_ORDER)
+        seeds = sorted(set(a["seeds"]) | set(e.get("seeds", [])))
+        n_exp = len(seeds)
+        cells = a["cells"]
+        L += [f"## {dataset}", "", f"Seeds: {', '.join(map(str, seeds)) or DASH}.", ""]
+        # compact matrix
+        L += ["### Test AUC (backbone × method)", ""]
+        rows = []
+        for b in backbones:
+            rows.append([b] + [_ms(cells.get(b, {}).get(m, {}).get("auc")) for m in methods])
+        L += _table(["backbone"] + methods, rows, "l" + "r" * len(methods)) + [""]
+        # full table
+        header = ["backbone", "method", "seeds", "test AUC", "LogLoss", "GAUC", "RelaImpr %", "Δ AUC vs kar",
+                  "AUC k=0", "wall s", "train s", "peak MB"]
+        if a.get("lm_tokens"):
+            header.append("LM tokens")
+        rows = []
+        n_missing = 0
+        for b in backbones:
+            for m in methods:
+                c = cells.get(b, {}).get(m)
+                if c is None:
+                    n_missing += n_exp
+                    rows.append([b, m, "missing"] + [DASH] * (len(header) - 3))
+                    continue
+                n_missing += max(0, n_exp - c["n"])
+                seeds_s = f"{c['n']}" + (f"/{n_exp}" if c["n"] < n_exp else "")
+                vk = c.get("vs_kar")
+                if m == "kar":
+                    vk_s = "(ref)"
+                elif vk is None:
+                    vk_s = DASH
+                else:
+                    vk_s = (_f(vk["mean_diff"], 4, signed=True) + f" ({_p(vk['p'])}, {vk['n_pairs']} pair{'s' if vk['n_pairs'] != 1 else ''})"
+                            if vk["mean_diff"] is not None else "n/a")
+                row = [b, m, seeds_s, _ms(c["auc"]), _ms(c["logloss"]), _ms(c["gauc"]),
+                       _f(c["rela_impr"], 2, signed=True) if c["rela_impr"] is not None else DASH, vk_s,
+                       _ms(c["auc_no_knowledge"]) if m != "base" else DASH,
+                       _num(c["wall_seconds"]), _num(c["train_seconds"]), _num(c["peak_memory_mb"])]
+                if a.get("lm_tokens"):
+                    row.append(_num(c["lm_tokens"]))
+                rows.append(row)
+        L += ["### All metrics", ""] + _table(header, rows) + [""]
+        if n_missing:
+            L += [f"{n_missing} run(s) of this dataset are missing (see Failures below, or run the grid again).", ""]
+        # per-group table
+        grouping = a.get("grouping")
+        if grouping:
+            L += _group_section(dataset, grouping, backbones, methods, cells, hurt_margin)
+        # diagnostics
+        diag_rows = []
+        for b in backbones:
+            for m in methods:
+                c = cells.get(b, {}).get(m)
+                if c and c["diagnostics"]:
+                    items = list(c["diagnostics"].items())
+                    shown = ", ".join(f"{k}={_fmt_diag(v)}" for k, v in items[:14])
+                    if len(items) > 14:
+                        shown += f", … ({len(items) - 14} more)"
+                    diag_rows.append([b, m, shown])
+        if diag_rows:
+            L += ["### Method diagnostics (mean over seeds)", ""] + _table(["backbone", "method", "diagnostics"],
+                                                                             diag_rows, "lll") + [""]
+    # failures that no later success replaced
+    done = {r.get("run_key") for r in runs}
+    done_cells = {_cell_id(r) for r in runs}
+    open_fail: dict[tuple, Mapping[str, Any]] = {}
+    for f in failures:
+        if f.get("run_key") in done or _cell_id(f) in done_cells:
+            continue
+        open_fail[_cell_id(f)] = f
+    if open_fail:
+        L += ["## Failures and unavailable runs", ""]
+        rows = [[str(f.get("dataset")), str(f.get("backbone")), str(f.get("method")), str(f.get("seed")),
+                 str(f.get("time", "")), str(f.get("error", "")).splitlines()[0][:200] if f.get("error") else ""]
+                for f in open_fail.values()]
+        L += _table(["dataset", "backbone", "method", "seed", "time", "error"], rows, "llllll") + [""]
+    if plots:
+        L += ["## Plots", ""]
+        for title, rel in plots.items():
+            L += [f"### {title}", "", f"![{title}]({rel})", ""]
+    return "\n".join(L).rstrip() + "\n"
+
+
+def _fmt_diag(v: Any) -> str:
+    if v is None:
+        return DASH
+    if abs(v) >= 1000 or float(v).is_integer():
+        return f"{v:.0f}"
+    return f"{v:.4g}"
+
+
+def _group_section(dataset: str, grouping: str, backbones: list[str], methods: list[str],
+                   cells: Mapping[str, Mapping[str, Any]], hurt_margin: float) -> list[str]:
+    L = [f"### Per-group test AUC ({grouping})", "",
+         f"Mean test AUC per user group; Δ against `base` on the same backbone. A method *hurts* a group when "
+         f"the group's AUC is more than {hurt_margin:g} below base's. Groups with too few samples have no AUC.", ""]
+    shown = [m for m in GROUP_METHODS if m in methods]
+    knowledge = [m for m in methods if m != "base"]
+    any_table = False
+    for b in backbones:
+        row_cells = cells.get(b, {})
+        if not row_cells:
+            continue
+        groups = list(dict.fromkeys(g for c in row_cells.values() for g in c["groups"]))
+        if not groups:
+            continue
+        any_table = True
+        groups.sort()
+        header = ["group", "n", "users"] + [m if m == "base" else f"{m} (Δ)" for m in shown]
+        rows = []
+        base = row_cells.get("base")
+        for g in groups:
+            ref = next((c["groups"][g] for c in row_cells.values() if g in c["groups"]), {})
+            row = [g, _int(ref.get("n")), _int(ref.get("users"))]
+            for m in shown:
+                c = row_cells.get(m)
+                if c is None:
+                    row.append("missing")
+                    continue
+                au = c["groups"].get(g, {}).get("auc")
+                s = _f(au)
+                if m != "base" and base is not None and g in c["group_delta"]:
+                    s += f" ({c['group_delta'][g]:+.4f})"
+                row.append(s)
+            rows.append(row)
+        L += [f"**{b}**", ""] + _table(header, rows, "l" + "r" * (len(header) - 1)) + [""]
+        hurt_lines = []
+        for m in knowledge:
+            c = row_cells.get(m)
+            if c is None:
+                hurt_lines.append(f"- {m}: missing")
+            elif base is None:
+                hurt_lines.append(f"- {m}: n/a (base missing)")
+            elif not c["group_delta"]:
+                hurt_lines.append(f"- {m}: n/a (no group AUCs)")
+            elif c["hurts"]:
+                hurt_lines.append(f"- {m} hurts {len(c['hurts'])}/{len(c['group_delta'])} groups: " + ", ".join(
+                    f"{g} ({c['group_delta'][g]:+.4f})" for g in c["hurts"]))
+            else:
+                hurt_lines.append(f"- {m} hurts no group ({len(c['group_delta'])} compared)")
+        if hurt_lines:
+            L += hurt_lines + [""]
+    if not any_table:
+        L += ["No per-group metrics in these results.", ""]
+    return L
+
+
+def write_report(results: str | os.PathLike, output: str | os.PathLike | None = None,
+                 plots_dir: str | os.PathLike | None = None, grid: Any = None, make_plots: bool = True,
+                 hurt_margin: float = 0.001) -> tuple[Path, list[Path]]:
+    """Render ``results`` to ``output`` (default: REPORT.md next to it) and PNG plots into ``plots_dir``.
+
+    Returns (report path, plot paths). A missing results file gives a report that says so.
+    """
+    from cocorec.bench.grid import failures_path, read_jsonl
+    from cocorec.utils.io import atomic_write_text
+
+    results = Path(results)
+    output = Path(output) if output else results.with_name("REPORT.md")
+    records = load_results(results)
+    failures = read_jsonl(failures_path(results))
+    written: list[Path] = []
+    plot_links: dict[str, str] = {}
+    if make_plots:
+        from cocorec.bench.plots import make_plots as _make
+
+        pdir = Path(plots_dir) if plots_dir else output.parent / "plots"
+        runs, _ = latest_runs(records)
+        for title, path in _make(runs, pdir).items():
+            written.append(path)
+            plot_links[title] = os.path.relpath(Path(path).resolve(), output.parent.resolve()).replace(os.sep, "/")
+    text = render_report(records, results_path=str(results), failures=failures, grid=grid, plots=plot_links,
+                         hurt_margin=hurt_margin)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output, text)
+    return output, written
