@@ -579,11 +579,14 @@ def convert_gguf(path: str | os.PathLike, root: str | os.PathLike | None = None)
     final = base / f"{path.stem}-{sha[:16]}"
     if (final / _SOURCE_MARKER).is_file():
         return final, identity
+    if importlib.util.find_spec("gguf") is None:  # else transformers' error reads like a corrupt file
+        raise LMError(f"{path}: reading a GGUF file needs the 'gguf' package (pip install gguf==0.19.0)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import transformers
 
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=base))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the converted model is an ordinary shared cache
     t0 = time.perf_counter()
     log.info("converting %s to safetensors (once) in %s", path, final)
     try:
