@@ -1,0 +1,112 @@
+"""CoCo's judge (DESIGN 4.7-4.8): confidence, contradiction mask, rate tracking, phase schedule.
+
+* Confidence in the true label: ``c(p) = y p + (1 - y)(1 - p)``.
+* A sample *contradicts* when the knowledge lowers that confidence by more than ``delta``:
+  ``c(p+) + delta < c(p0)`` (p+ with knowledge, p0 with the knowledge field zeroed).
+* :class:`PhaseScheduler` alternates *collaboration* phases (LoRA frozen, the user-text KV cache
+  live) with a *contradiction* phase of ``phase_steps`` steps (LoRA trained on contradicting
+  samples) whenever the mean rate of the last ``window`` steps exceeds ``threshold``; after a
+  contradiction phase the caches must be rebuilt (the LM changed). ``cooldown_steps`` collaboration
+  steps separate phases, and at most ``max_phases`` run (each costs a cache rebuild).
+
+Example:
+    >>> import torch
+    >>> y = torch.tensor([1.0, 0.0, 1.0])
+    >>> contradiction_mask(torch.tensor([0.6, 0.3, 0.9]), torch.tensor([0.8, 0.2, 0.85]), y, delta=0.05).tolist()
+    [True, True, False]
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import torch
+
+COLLABORATION = "collaboration"
+CONTRADICTION = "contradiction"
+
+
+def confidence(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Probability given to the true label."""
+    return y * p + (1 - y) * (1 - p)
+
+
+def contradiction_mask(p_plus: torch.Tensor, p_zero: torch.Tensor, y: torch.Tensor, delta: float) -> torch.Tensor:
+    """True where knowledge lowers the confidence in the true label by more than ``delta``."""
+    return confidence(p_plus, y) + delta < confidence(p_zero, y)
+
+
+class PhaseScheduler:
+    """Tracks the contradiction rate per step and decides the phase of the next step.
+
+    Example:
+        >>> s = PhaseScheduler(threshold=0.2, window=2, phase_steps=2, cooldown_steps=0)
+        >>> [s.observe(r) for r in [0.1, 0.3, 0.3, 0.0, 0.0]]
+        [None, None, 'start', None, 'end']
+        >>> s.phase, s.n_phases
+        ('collaboration', 1)
+    """
+
+    def __init__(self, threshold: float = 0.1, window: int = 10, phase_steps: int = 10, cooldown_steps: int = 60,
+                 max_phases: int = 2, warmup_steps: int = 0, enabled: bool = True) -> None:
+        self.threshold, self.window, self.phase_steps = threshold, window, phase_steps
+        self.cooldown_steps, self.max_phases, self.warmup_steps = cooldown_steps, max_phases, warmup_steps
+        self.enabled = enabled
+        self.phase = COLLABORATION
+        self.recent: deque[float] = deque(maxlen=max(window, 1))
+        self.steps = 0               # steps observed
+        self.steps_in_phase = 0
+        self.n_phases = 0
+        self.last_phase_end = -10**9
+        self.history: list[tuple[int, float, str]] = []   # (step, rate, phase of that step)
+        self.events: list[dict[str, Any]] = []
+
+    @property
+    def recent_rate(self) -> float:
+        return sum(self.recent) / len(self.recent) if self.recent else 0.0
+
+    def observe(self, rate: float) -> str | None:
+        """Record the rate of the step just run; returns ``"start"``/``"end"`` when the phase changes."""
+        self.history.append((self.steps, float(rate), self.phase))
+        self.recent.append(float(rate))
+        self.steps += 1
+        self.steps_in_phase += 1
+        if self.phase == CONTRADICTION:
+            if self.steps_in_phase >= self.phase_steps:
+                return self.end_phase()
+            return None
+        if (self.enabled and self.n_phases < self.max_phases and self.steps >= self.warmup_steps
+                and len(self.recent) >= self.window and self.steps - self.last_phase_end >= self.cooldown_steps
+                and self.recent_rate > self.threshold):
+            self.phase = CONTRADICTION
+            self.steps_in_phase = 0
+            self.n_phases += 1
+            self.events.append({"step": self.steps, "event": "start", "recent_rate": round(self.recent_rate, 4)})
+            return "start"
+        return None
+
+    def end_phase(self) -> str | None:
+        """End a running contradiction phase (also called at an epoch's end)."""
+        if self.phase != CONTRADICTION:
+            return None
+        self.phase = COLLABORATION
+        self.steps_in_phase = 0
+        self.last_phase_end = self.steps
+        self.recent.clear()      # rates measured before the LM changed say nothing about it now
+        self.events.append({"step": self.steps, "event": "end"})
+        return "end"
+
+    # ------------------------------------------------------------------ persistence (resume)
+    def state(self) -> dict[str, Any]:
+        return {"phase": self.phase, "recent": list(self.recent), "steps": self.steps,
+                "steps_in_phase": self.steps_in_phase, "n_phases": self.n_phases,
+                "last_phase_end": self.last_phase_end, "history": self.history, "events": self.events}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.phase = state["phase"]
+        self.recent = deque(state["recent"], maxlen=max(self.window, 1))
+        self.steps, self.steps_in_phase = state["steps"], state["steps_in_phase"]
+        self.n_phases, self.last_phase_end = state["n_phases"], state["last_phase_end"]
+        self.history = [tuple(h) for h in state["history"]]  # type: ignore[misc]
+        self.events = list(state["events"])

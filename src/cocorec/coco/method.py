@@ -1,0 +1,658 @@
+"""CoCo as a knowledge method (DESIGN section 4), its ablations, and the static soft prompt.
+
+Registered methods (``--method``):
+
+* ``coco``: VQ-selected soft prompt per user + judge + LoRA contradiction elimination + group guard.
+* ``coco-novq``: each user gets a random but fixed code (no query, no VQ loss).
+* ``coco-nojudge``: no contradiction elimination (no LoRA, the LM stays frozen); the judge's
+  contradiction rate is still measured and reported.
+* ``static``: one learnable soft prompt shared by all users (the paper's static template); no
+  VQ, no LoRA, no guard.
+
+One training step (collaboration phase, LoRA frozen):
+
+1. the judge compares, for every sample of the batch, the backbone's confidence with the current
+   knowledge of its user (the *bank*, see below) and with the knowledge field zeroed -> the
+   contradiction mask and rate (eval mode, no gradient);
+2. queries of the batch's users from the backbone's own embedding tables (LM-history items with
+   their ratings + profile fields, so k_u depends on the user only) pick codes (VQ loss);
+3. ``lm_users_per_step`` of the batch's users ("live" users) run their soft prompt through the LM
+   after their cached user-text KV, then the read-out gives k_u with gradient (prompts, codebook
+   keys by straight-through, read-out, query);
+4. every other user of the batch takes its k_u from the bank, a per-user table of the last k_u
+   computed for that user (no gradient; refreshed for all training users whenever the LM's
+   adapters changed, and row by row whenever a user is live);
+5. loss = BCE on all samples (knowledge dropout zeroes k for a fraction of the samples, which
+   trains p0 = f(x, 0)) + VQ loss + ``align_weight`` x InfoNCE(k_u, positive item embeddings).
+
+The bank bounds the LM work per step: a 1024-sample batch of ml-100k holds ~560 users, and a
+2-core CPU can run the suffix pass (forward + backward) for ~30 of them per second. Without it an
+epoch would take half an hour.
+
+Contradiction phase (``judge=True``; entered when the recent contradiction rate exceeds
+``rate_threshold``): the live users are those with contradicting samples (at most
+``contradiction_users_per_step``); they run a *full* pass (text + prompt) through the LM with LoRA.
+LoRA receives the gradient of (masked BCE over the contradicting samples + InfoNCE) only - computed
+by ``torch.autograd.grad`` and swapped in by a gradient hook during the trainer's backward -
+while every other parameter receives the gradient of the usual loss over all samples. After the
+phase the user-text caches are stale (their version is the LoRA fingerprint) and are rebuilt,
+lazily, when next read.
+
+Group guard (beyond the paper), in ``on_fit_end``: per user group (``guard_grouping``, default
+gender x age group) validation AUC with vs without knowledge; groups where knowledge costs more
+than ``guard_margin`` AUC get a zero knowledge field from then on (saved in the checkpoint).
+
+Example:
+    >>> from cocorec.knowledge.base import build_method
+    >>> m = build_method("coco", lm="tiny", codebook_size=4)
+    >>> m.knowledge_dims
+    [32]
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cocorec.coco.codebook import VQCodebook, perplexity
+from cocorec.coco.judge import COLLABORATION, CONTRADICTION, PhaseScheduler, contradiction_mask
+from cocorec.coco.kvcache import BASE, UserTextKVCache
+from cocorec.coco.lora import add_lora, fingerprint
+from cocorec.coco.readout import CrossAttentionReadout
+from cocorec.eval.metrics import auc as auc_score
+from cocorec.knowledge.base import KnowledgeMethod, register_method
+from cocorec.utils.io import cache_root
+
+__all__ = ["CoCo"]
+
+
+def resolve_lm_dtype(dtype: str, device: torch.device) -> str:
+    """``auto``: bf16 on CUDA, and on a CPU with native bf16 (AVX512-BF16/AMX: 2x faster than fp32 there,
+    measured on SmolLM2), else float32. Anything else is passed through."""
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda":
+        return "bf16"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        native = False
+    return "bf16" if native and device.type == "cpu" else "float32"
+
+
+@register_method("coco")
+class CoCo(KnowledgeMethod):
+    """CoCo: collaboration (VQ soft prompts on a frozen LM) + contradiction elimination (judge + LoRA).
+
+    Every keyword is a config key (``--set method.<key>=<value>``).
+    """
+
+    name = "coco"
+
+    def __init__(
+        self,
+        lm: str = "smollm2",
+        lm_dtype: str = "auto",
+        knowledge_dim: int = 32,
+        codebook_size: int = 16,
+        prompt_len: int = 8,
+        key_dim: int = 32,
+        vq: bool = True,
+        vq_beta: float = 0.25,
+        vq_weight: float = 1.0,
+        reset_every: int = 20,
+        readout_dim: int = 64,
+        readout_heads: int = 2,
+        readout_hidden: int = 128,
+        readout_over_text: bool = True,
+        align_weight: float = 0.1,
+        align_tau: float = 0.1,
+        knowledge_dropout: float = 0.2,
+        judge: bool = True,
+        delta: float = 0.02,
+        rate_threshold: float = 0.1,
+        rate_window: int = 10,
+        phase_steps: int = 10,
+        cooldown_steps: int = 60,
+        warmup_steps: int = 60,
+        max_phases: int = 1,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_targets: str = "q_proj,v_proj",
+        lora_scope: str = "all",
+        lora_lr: float = 1e-3,
+        lr: float | None = None,
+        lm_users_per_step: int = 24,
+        contradiction_users_per_step: int = 8,
+        lm_batch_users: int = 32,
+        max_text_tokens: int = 384,
+        kv_dtype: str = "bf16",
+        kv_storage: str = "auto",
+        kv_memory_limit_gb: float = 2.0,
+        kv_batch_tokens: int = 4096,
+        kv_dir: str | None = None,
+        kv_shared: bool = True,
+        guard: bool = True,
+        guard_grouping: str = "gender x age_group",
+        guard_margin: float = 0.005,
+        guard_min_samples: int = 200,
+        query_backbone_grad: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self._config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        if codebook_size < 1 or prompt_len < 1 or knowledge_dim < 1:
+            raise ValueError("codebook_size, prompt_len and knowledge_dim must be >= 1")
+        if not 0.0 <= knowledge_dropout < 1.0:
+            raise ValueError(f"knowledge_dropout must be in [0, 1) (got {knowledge_dropout})")
+        self.lm_name, self.lm_dtype = lm, lm_dtype
+        self.knowledge_dim, self.codebook_size, self.prompt_len, self.key_dim = knowledge_dim, codebook_size, prompt_len, key_dim
+        self.use_vq, self.vq_beta, self.vq_weight, self.reset_every = vq, vq_beta, vq_weight, reset_every
+        self.readout_cfg = dict(attn_dim=readout_dim, heads=readout_heads, mlp_hidden=(readout_hidden,))
+        self.readout_over_text = readout_over_text
+        self.align_weight, self.align_tau = align_weight, align_tau
+        self.knowledge_dropout = knowledge_dropout
+        self.use_judge, self.delta = judge, delta
+        self.lora_rank, self.lora_alpha, self.lora_lr = lora_rank, lora_alpha, lora_lr
+        self.lora_targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+        if lora_scope not in ("all", "suffix"):
+            raise ValueError(f"lora_scope must be 'all' or 'suffix' (got {lora_scope!r})")
+        self.lora_scope = lora_scope
+        self.lr = lr
+        self.lm_users_per_step, self.contradiction_users_per_step = lm_users_per_step, contradiction_users_per_step
+        self.lm_batch_users, self.max_text_tokens = lm_batch_users, max_text_tokens
+        self.kv_cfg = dict(dtype=kv_dtype, storage=kv_storage, memory_limit_gb=kv_memory_limit_gb,
+                           batch_tokens=kv_batch_tokens)
+        self.kv_dir, self.kv_shared = kv_dir, kv_shared
+        self.use_guard, self.guard_grouping = guard, guard_grouping
+        self.guard_margin, self.guard_min_samples = guard_margin, guard_min_samples
+        self.query_backbone_grad = query_backbone_grad
+        self.seed = seed
+        self.knowledge_dims = [knowledge_dim]
+        self.scheduler = PhaseScheduler(threshold=rate_threshold, window=rate_window, phase_steps=phase_steps,
+                                        cooldown_steps=cooldown_steps, max_phases=max_phases,
+                                        warmup_steps=warmup_steps, enabled=judge)
+        self._gen = torch.Generator().manual_seed(seed)
+        self._built = False
+        self._prepared = False
+        self._lora: dict[str, nn.Parameter] = {}
+        self._lora_override: list[torch.Tensor] | None = None
+        self._bank_fp: Any = None          # (LoRA fingerprint, param version) the bank was filled with
+        self.n_lora_updates = 0
+        self._epoch_rates: list[float] = []
+        self.rate_by_epoch: list[float] = []
+        self.timing = {"lm_suffix_s": 0.0, "lm_full_s": 0.0, "bank_refresh_s": 0.0, "bank_refreshes": 0}
+        self.guard_report: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ construction (needs the LM)
+    def attach(self, model: nn.Module) -> None:
+        super().attach(model)
+        if self._built:
+            return
+        for attr in ("item_vectors", "rating_emb", "user_field_embs", "item_dim", "d"):
+            if not hasattr(model, attr):
+                raise TypeError(f"{self.name} needs a backbone built on cocorec.models.BaseModel (missing {attr!r})")
+        device = next(model.parameters()).device
+        lm = self._load_lm(device)
+        object.__setattr__(self, "_lm", lm)   # outside the module tree: never saved, never moved
+        if self.use_judge:
+            self._lora = add_lora(lm.model, rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets,
+                                  seed=self.seed)
+            for i, p in enumerate(self._lora.values()):
+                p.register_hook(lambda g, i=i: g if self._lora_override is None else self._lora_override[i])
+                p.requires_grad_(False)  # frozen except inside a contradiction step
+        hidden = lm.hidden_size
+        in_dim = model.item_dim + len(model.user_field_embs) * model.d
+        self.query = nn.Sequential(nn.Linear(in_dim, self.key_dim), nn.LayerNorm(self.key_dim, elementwise_affine=False))
+        self.codebook = VQCodebook(self.codebook_size, self.key_dim, self.prompt_len, hidden, beta=self.vq_beta,
+                                   straight_through=self.use_vq)
+        self.codebook.init_prompts_from_embeddings(lm.model.get_input_embeddings().weight.detach().float().cpu(),
+                                                   generator=self._gen)
+        self.readout = CrossAttentionReadout(hidden, self.knowledge_dim, **self.readout_cfg)  # type: ignore[arg-type]
+        self.align_proj = nn.Linear(model.item_dim, self.knowledge_dim)
+        self.register_buffer("keys_initialised", torch.zeros((), dtype=torch.bool))
+        self.to(device)
+        self._built = True
+
+    def _load_lm(self, device: torch.device) -> Any:
+        from cocorec.knowledge.lm import LMConfig, load_lm, tiny_lm
+
+        if self.lm_name == "tiny":
+            lm = tiny_lm(seed=self.seed)
+            lm.model.to(device)
+            lm.device = device
+            return lm
+        return load_lm(LMConfig(name_or_path=self.lm_name, device=str(device), dtype=resolve_lm_dtype(self.lm_dtype, device)))
+
+    @property
+    def lm(self) -> Any:
+        return self._lm
+
+    @property
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return list(self._lora.values())
+
+    def optimizer_groups(self) -> list[dict[str, Any]] | None:
+        own = [p for p in self.parameters() if p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": own, **({"lr": self.lr} if self.lr else {})}]
+        if self._lora:
+            for p in self._lora.values():
+                p.requires_grad_(True)   # the trainer keeps only trainable parameters in its groups
+            groups.append({"params": self.lora_parameters, "lr": self.lora_lr})
+        return groups
+
+    # ------------------------------------------------------------------ data
+    def prepare(self, data: Any, output_dir: Path | None = None) -> None:
+        if not self._built:
+            raise RuntimeError("attach(backbone) must come before prepare(data)")
+        object.__setattr__(self, "_data", data)
+        dev = self.device
+        n_users = data.n_users
+        offsets = np.asarray(data.llm_offsets)
+        width = max(1, int(np.diff(offsets).max()) if n_users else 1)
+        items = np.zeros((n_users, width), dtype=np.int64)
+        ratings = np.zeros((n_users, width), dtype=np.int64)
+        for u in range(n_users):
+            a, b = offsets[u], offsets[u + 1]
+            items[u, : b - a] = data.llm_items[a:b]
+            ratings[u, : b - a] = data.llm_ratings[a:b]
+        self._llm_items = torch.from_numpy(items).to(dev)
+        self._llm_ratings = torch.from_numpy(ratings).to(dev)
+        self._user_feats = data.user_feats.to(dev)
+        self._item_feats = data.item_feats.to(dev)
+        self._item_tags = data.item_tags.to(dev)
+        self._train_users = torch.from_numpy(data.split_users("train")).long()
+        self._fixed_codes = torch.randint(0, self.codebook_size, (n_users,),
+                                          generator=torch.Generator().manual_seed(self.seed + 1)).to(dev)
+        # Guard groups (sorted labels; users without a label share "unknown").
+        grouping = self.guard_grouping
+        if grouping not in data.user_groups:   # e.g. a dataset with other profile columns: first combined grouping
+            grouping = next((g for g in data.user_groups if " x " in g), next(iter(data.user_groups), "all"))
+        self.guard_grouping_used = grouping
+        labels = list(data.user_groups.get(grouping, ["all"] * n_users))
+        self.guard_groups = sorted(set(labels))
+        index = {g: i for i, g in enumerate(self.guard_groups)}
+        self._user_group = torch.tensor([index[g] for g in labels], dtype=torch.long, device=dev)
+        if getattr(self, "_guard_enabled", None) is None or len(self._guard_enabled) != len(self.guard_groups):
+            self._guard_enabled = torch.ones(len(self.guard_groups), dtype=torch.bool, device=dev)
+        max_tokens = min(self.max_text_tokens, self.lm.max_context - self.prompt_len)
+        shared = cache_root() / "coco-kv" if self.kv_shared else None
+        self.kv = UserTextKVCache.from_texts(self.lm, data.user_text, max_tokens=max_tokens, directory=self.kv_dir,
+                                             shared_dir=shared, **self.kv_cfg)  # type: ignore[arg-type]
+        self._bank = torch.zeros(n_users, self.knowledge_dim, device=dev)
+        self._bank_fp = None
+        if self.use_vq and not bool(self.keys_initialised):
+            with torch.no_grad():
+                q = self._query(self._train_users.to(dev))
+            self.codebook.init_keys_from_queries(q, generator=self._gen)
+            self.keys_initialised.fill_(True)
+        self._prepared = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.readout.q.weight.device
+
+    # ------------------------------------------------------------------ building blocks
+    def lm_version(self) -> Any:
+        """Identity of the LM's current adapter weights (the user-text caches are keyed by it).
+
+        ``BASE`` while the adapters are exactly zero (LoRA's B starts at 0): the LM is then the
+        frozen base LM, whose user-text cache is shared across runs.
+        """
+        if self.lora_scope == "suffix":   # the text is always read by the base LM; LoRA acts on the prompt only
+            return BASE
+        if all(not bool(p.detach().any()) for n, p in self._lora.items() if "lora_B" in n):
+            return BASE
+        return fingerprint(self.lora_parameters)
+
+    def _bank_key(self) -> tuple[float, ...]:
+        return fingerprint(self.lora_parameters)
+
+    def _query(self, users: torch.Tensor) -> torch.Tensor:
+        """q_u from the backbone's embeddings of the user's LM-history items (+ ratings) and profile."""
+        bb = self.backbone
+        items, ratings = self._llm_items[users], self._llm_ratings[users]
+        vec = bb.item_vectors(items, self._item_feats[items], self._item_tags[items]) + bb.rating_emb(ratings)
+        m = (items > 0).unsqueeze(-1).to(vec.dtype)
+        pooled = (vec * m).sum(1) / m.sum(1).clamp_min(1.0)
+        uf = self._user_feats[users]
+        prof = torch.cat([emb(uf[:, j]) for j, emb in enumerate(bb.user_field_embs)], -1)
+        x = torch.cat([pooled, prof], -1).float()
+        if not self.query_backbone_grad:
+            x = x.detach()
+        return self.query(x)
+
+    def _codes_and_prompts(self, users: torch.Tensor, record: bool = True
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(codes, prompts [M, L, H], vq loss, queries) of ``users`` (``record``: count code usage)."""
+        if self.use_vq:
+            q = self._query(users)
+            out = self.codebook(q, record=record)
+            return out.codes, out.prompts, out.loss, q
+        codes = self._fixed_codes[users]
+        return codes, self.codebook.prompt_of(codes), torch.zeros((), device=self.device), None
+
+    def _read(self, h_prompt: torch.Tensor, h_text: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+        return self.readout(h_prompt, h_text if self.readout_over_text else None, mask).float()
+
+    def _knowledge_cached(self, users: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        h_p, h_t, mask = self.kv.suffix_hidden(users.cpu(), prompts, version=self.lm_version())
+        k = self._read(h_p, h_t, mask)
+        self.timing["lm_suffix_s"] += time.perf_counter() - t0
+        return k
+
+    def _knowledge_full(self, users: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        h_p, h_t, mask = self.kv.full_hidden(users.cpu(), prompts)
+        k = self._read(h_p, h_t, mask)
+        self.timing["lm_full_s"] += time.perf_counter() - t0
+        return k
+
+    def user_knowledge(self, users: torch.Tensor, apply_guard: bool = True) -> torch.Tensor:
+        """k_u of ``users`` [M, knowledge_dim] with the current weights (chunked; grad only if enabled)."""
+        users = users.to(self.device)
+        self.kv.ensure(users.cpu(), self.lm_version())   # all at once: length-sorted batches
+        out = []
+        for start in range(0, len(users), self.lm_batch_users):
+            u = users[start:start + self.lm_batch_users]
+            _, prompts, _, _ = self._codes_and_prompts(u, record=False)
+            out.append(self._knowledge_cached(u, prompts))
+        k = torch.cat(out) if out else torch.zeros(0, self.knowledge_dim, device=self.device)
+        if apply_guard and self.use_guard:
+            k = k * self._guard_enabled[self._user_group[users]].unsqueeze(-1).to(k.dtype)
+        return k
+
+    @torch.no_grad()
+    def refresh_bank(self, users: torch.Tensor | None = None) -> None:
+        """Recompute the bank's k_u for ``users`` (default: every training user) with the current weights."""
+        t0 = time.perf_counter()
+        users = self._train_users if users is None else users
+        self._bank[users.to(self.device)] = self.user_knowledge(users, apply_guard=False)
+        self._bank_fp = self._bank_key()
+        self.timing["bank_refresh_s"] += time.perf_counter() - t0
+        self.timing["bank_refreshes"] += 1
+
+    # ------------------------------------------------------------------ evaluation
+    def forward(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
+        users = batch["user"].to(self.device)
+        uniq, inv = torch.unique(users, return_inverse=True)
+        return [self.user_knowledge(uniq)[inv]]
+
+    # ------------------------------------------------------------------ training
+    @torch.no_grad()
+    def _judge(self, model: nn.Module, batch: dict[str, torch.Tensor], k_rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        was = model.training
+        model.eval()
+        try:
+            p_plus = torch.sigmoid(model(batch, [k_rows]).float())
+            p_zero = torch.sigmoid(model(batch, None).float())
+        finally:
+            model.train(was)
+        y = batch["label"].float()
+        return contradiction_mask(p_plus, p_zero, y, self.delta), p_plus, p_zero
+
+    def _align_loss(self, k_live: torch.Tensor, live_users: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """InfoNCE: k_u vs (a projection of) the backbone embedding of one of u's positive items in the batch."""
+        users, labels = batch["user"].to(self.device), batch["label"].to(self.device)
+        pos_rows = torch.nonzero(labels > 0.5).flatten()
+        if len(pos_rows) == 0 or len(k_live) < 2:
+            return k_live.sum() * 0.0
+        pos_rows = pos_rows[torch.randperm(len(pos_rows), generator=self._gen).to(pos_rows.device)]
+        slot = {int(u): j for j, u in enumerate(live_users.tolist())}
+        chosen: dict[int, int] = {}
+        for r, u in zip(pos_rows.tolist(), users[pos_rows].tolist()):
+            if u in slot and slot[u] not in chosen:
+                chosen[slot[u]] = r
+        if len(chosen) < 2:
+            return k_live.sum() * 0.0
+        idx = torch.tensor(list(chosen), device=self.device)
+        rows = torch.tensor(list(chosen.values()), device=self.device)
+        bb = self.backbone
+        item = batch["item"].to(self.device)[rows]
+        v = bb.item_vectors(item, batch["item_feats"].to(self.device)[rows], batch["item_tags"].to(self.device)[rows])
+        v = self.align_proj(v.detach().float())
+        logits = F.normalize(k_live[idx], dim=-1) @ F.normalize(v, dim=-1).t() / self.align_tau
+        same = item[:, None] == item[None, :]
+        logits = logits.masked_fill(same & ~torch.eye(len(idx), dtype=torch.bool, device=self.device), float("-inf"))
+        return F.cross_entropy(logits, torch.arange(len(idx), device=self.device))
+
+    def _pick(self, candidates: torch.Tensor, n: int) -> torch.Tensor:
+        """Up to ``n`` random entries of ``candidates`` (sorted, for determinism of the LM batch)."""
+        if len(candidates) <= n:
+            return candidates
+        perm = torch.randperm(len(candidates), generator=self._gen)[:n].to(candidates.device)
+        return candidates[perm].sort().values
+
+    def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                      step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        if not self._prepared:
+            raise RuntimeError("prepare(data) must come before training")
+        self._lora_override = None
+        # The bank is refilled when the adapters changed - after a contradiction phase, never
+        # inside one (each refill reads every training user's text cache: a full rebuild there).
+        if self.scheduler.phase == COLLABORATION and (self._bank_fp is None or self._bank_fp != self._bank_key()):
+            self.refresh_bank()
+        dev = self.device
+        users = batch["user"].to(dev)
+        y = batch["label"].to(dev).float()
+        uniq, inv = torch.unique(users, return_inverse=True)
+        c_mask, _, _ = self._judge(model, batch, self._bank[users])
+        rate = float(c_mask.float().mean())
+        phase = self.scheduler.phase
+        contradiction_step = phase == CONTRADICTION and bool(self._lora)
+        for p in self._lora.values():
+            p.requires_grad_(contradiction_step)
+
+        codes, prompts, vq_loss, q = self._codes_and_prompts(uniq)
+        if self.use_vq and q is not None and self.reset_every and step > 0 and step % self.reset_every == 0:
+            self.codebook.reset_dead_codes(generator=self._gen)
+        keep = (torch.rand(len(users), generator=self._gen) >= self.knowledge_dropout).to(dev)
+        if contradiction_step:   # users with a contradicting sample that keeps its knowledge this step
+            c_users = torch.unique(users[c_mask & keep])
+            live_users = self._pick(c_users, self.contradiction_users_per_step)
+        else:
+            live_users = self._pick(uniq, self.lm_users_per_step)
+        live_idx = torch.searchsorted(uniq, live_users)
+        if len(live_users) == 0:
+            k_live = torch.zeros(0, self.knowledge_dim, device=dev)
+        elif contradiction_step and self.lora_scope == "all":
+            k_live = self._knowledge_full(live_users, prompts[live_idx])
+        else:
+            k_live = self._knowledge_cached(live_users, prompts[live_idx])
+        self._bank[live_users] = k_live.detach()
+        k_uniq = self._bank[uniq].index_copy(0, live_idx, k_live) if len(live_users) else self._bank[uniq]
+        k_rows = k_uniq[inv]
+        logits = model(batch, [k_rows * keep.unsqueeze(-1).to(k_rows.dtype)]).float()
+        bce_rows = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+        bce = bce_rows.mean()
+        align = self._align_loss(k_live, live_users, batch) if self.align_weight and len(live_users) else bce * 0
+        loss = bce + self.vq_weight * vq_loss + self.align_weight * align
+        logs = {"bce": float(bce.detach()), "vq": float(vq_loss.detach()), "align": float(align.detach()),
+                "contradiction_rate": rate, "live_users": float(len(live_users))}
+
+        if contradiction_step:
+            live_row = torch.zeros(len(self._bank), dtype=torch.bool, device=dev)
+            live_row[live_users] = True
+            rows_c = c_mask & keep & live_row[users]
+            n_c = int(rows_c.sum())
+            if n_c > 0:   # else no user is live, the LM did not run, and LoRA gets no gradient at all
+                loss_c = bce_rows[rows_c].sum() / n_c + self.align_weight * align
+                grads = torch.autograd.grad(loss_c, self.lora_parameters, retain_graph=True, allow_unused=True)
+                self._lora_override = [torch.zeros_like(p) if g is None else g
+                                       for p, g in zip(self.lora_parameters, grads)]
+                self.n_lora_updates += 1
+            logs["contradicting_rows"] = float(n_c)
+
+        self._epoch_rates.append(rate)
+        if self.scheduler.observe(rate) == "end":
+            for p in self._lora.values():
+                p.requires_grad_(False)
+        return loss, logs
+
+    # ------------------------------------------------------------------ hooks
+    def on_epoch_end(self, epoch: int) -> None:
+        self.scheduler.end_phase()     # a phase never spans an evaluation (the caches are rebuilt first)
+        for p in self._lora.values():
+            p.requires_grad_(False)
+        if self._epoch_rates:
+            self.rate_by_epoch.append(float(np.mean(self._epoch_rates)))
+        self._epoch_rates = []
+
+    def on_fit_end(self, trainer: Any) -> None:
+        """Group guard: switch knowledge off for user groups where it lowers validation AUC.
+
+        A group is a candidate when it has ``guard_min_samples`` validation samples and its AUC
+        with knowledge is more than ``guard_margin`` below its AUC without. Candidates are taken
+        greedily, most harmed first, and a switch-off is kept only if the *overall* validation AUC
+        does not drop: scores of groups with and without knowledge must still rank against each
+        other (on ml-100k, switching off every harmed group by the per-group rule alone cost
+        0.13 overall AUC in a short run).
+        """
+        if not self.use_guard:
+            return
+        self._guard_enabled.fill_(True)
+        with_k = trainer.predict("val", use_knowledge=True)
+        without = trainer.predict("val", use_knowledge=False)
+        y = with_k["label"]
+        groups = self._user_group.cpu().numpy()[with_k["user"]]
+        report: dict[str, Any] = {}
+        candidates: list[tuple[float, int]] = []
+        for gi, name in enumerate(self.guard_groups):
+            m = groups == gi
+            n = int(m.sum())
+            a_with = auc_score(y[m], with_k["prob"][m]) if n else float("nan")
+            a_without = auc_score(without["label"][m], without["prob"][m]) if n else float("nan")
+            harmed = (n >= self.guard_min_samples and not math.isnan(a_with) and not math.isnan(a_without)
+                      and a_with < a_without - self.guard_margin)
+            if harmed:
+                candidates.append((a_without - a_with, gi))
+            report[name] = {"n": n, "auc_with": a_with, "auc_without": a_without, "harmed": bool(harmed),
+                            "knowledge": "on"}
+        probs = with_k["prob"].copy()
+        overall = auc_score(y, probs)
+        start = overall
+        for _, gi in sorted(candidates, reverse=True):
+            m = groups == gi
+            trial = probs.copy()
+            trial[m] = without["prob"][m]
+            a = auc_score(y, trial)
+            name = self.guard_groups[gi]
+            report[name]["overall_auc_if_off"] = a
+            if a >= overall:
+                probs, overall = trial, a
+                self._guard_enabled[gi] = False
+                report[name]["knowledge"] = "off"
+        self.guard_report = {"grouping": self.guard_grouping_used, "margin": self.guard_margin,
+                             "min_samples": self.guard_min_samples, "groups": report,
+                             "val_auc_all_on": start, "val_auc_guarded": overall,
+                             "disabled": [g for g, r in report.items() if r["knowledge"] == "off"]}
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        state = dict(self.state_dict())
+        for n, p in self._lora.items():
+            state[f"lora/{n}"] = p.detach()
+        if getattr(self, "_guard_enabled", None) is not None:
+            state["guard/enabled"] = self._guard_enabled.to(torch.uint8)
+        extra = {"scheduler": self.scheduler.state(), "n_lora_updates": self.n_lora_updates,
+                 "rate_by_epoch": self.rate_by_epoch, "guard_report": self.guard_report}
+        state["judge/state"] = torch.frombuffer(bytearray(json.dumps(extra).encode()), dtype=torch.uint8)
+        return state
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = {k: v for k, v in state.items() if not k.startswith(("lora/", "guard/", "judge/"))}
+        self.load_state_dict(own, strict=True)
+        with torch.no_grad():
+            for n, p in self._lora.items():
+                if f"lora/{n}" not in state:
+                    raise KeyError(f"checkpoint has no LoRA weight {n!r}")
+                p.copy_(state[f"lora/{n}"])
+        if "guard/enabled" in state:
+            self._guard_enabled = state["guard/enabled"].bool().to(self.device)
+        if "judge/state" in state:
+            extra = json.loads(bytes(state["judge/state"].cpu().numpy().tobytes()).decode())
+            if extra["scheduler"]["steps"] > self.scheduler.steps:   # resuming, not restoring the best epoch
+                self.scheduler.load(extra["scheduler"])
+                self.n_lora_updates = extra["n_lora_updates"]
+                self.rate_by_epoch = extra["rate_by_epoch"]
+            if extra.get("guard_report"):
+                self.guard_report = extra["guard_report"]
+        self._bank_fp = None    # weights changed: the bank is refreshed at the next training step
+
+    # ------------------------------------------------------------------ reporting
+    @torch.no_grad()
+    def code_assignments(self, users: torch.Tensor | None = None) -> torch.Tensor:
+        """The code of every user (default: all users) under the current weights."""
+        users = torch.arange(len(self._user_group), device=self.device) if users is None else users.to(self.device)
+        if not self.use_vq:
+            return self._fixed_codes[users]
+        return self.codebook.select(self._query(users))
+
+    def diagnostics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.name, "lm": getattr(getattr(self, "_lm", None), "identity", None)}
+        if not self._prepared:
+            return out
+        codes = self.code_assignments()
+        counts = torch.bincount(codes.cpu(), minlength=self.codebook_size)
+        train_counts = torch.bincount(codes[self._train_users.to(self.device)].cpu(), minlength=self.codebook_size)
+        out["codebook"] = {"size": self.codebook_size, "vq": self.use_vq,
+                           "user_perplexity": perplexity(counts), "train_user_perplexity": perplexity(train_counts),
+                           "users_per_code": counts.tolist(), "codes_used": int((counts > 0).sum()),
+                           "step_usage_perplexity": self.codebook.usage_perplexity(),
+                           "dead_code_resets": int(self.codebook.n_resets)}
+        steps = [r for _, r, _ in self.scheduler.history]
+        w = max(1, min(self.scheduler.window, len(steps) // 4 or 1))
+        out["contradiction"] = {
+            "delta": self.delta, "threshold": self.scheduler.threshold,
+            "rate_first_steps": float(np.mean(steps[:w])) if steps else None,
+            "rate_last_steps": float(np.mean(steps[-w:])) if steps else None,
+            "rate_by_epoch": self.rate_by_epoch,
+            "rate_steps": [round(r, 4) for r in steps],
+            "phase_steps": [s for s, _, ph in self.scheduler.history if ph == CONTRADICTION],
+            "phases": self.scheduler.events, "n_phases": self.scheduler.n_phases,
+            "n_lora_updates": self.n_lora_updates, "contradiction_elimination": bool(self._lora)}
+        out["guard"] = self.guard_report if self.use_guard else {"enabled": False}
+        out["kv_cache"] = {"bytes": self.kv.nbytes, "bytes_per_user": round(self.kv.bytes_per_user()),
+                           "bytes_allocated": self.kv.nbytes_allocated,
+                           "shared_base_dir": str(self.kv.shared_dir) if self.kv.shared_dir else None,
+                           "dtype": str(self.kv.dtype).removeprefix("torch."), "storage": self.kv.storage,
+                           "users": self.kv.n_users, "tokens": int(self.kv.offsets[-1]),
+                           "users_built": self.kv.users_built, "build_seconds": round(self.kv.build_seconds, 2)}
+        out["timing"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in self.timing.items()}
+        return out
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self._config}
+
+
+def _variant(name: str, doc: str, **fixed: Any) -> type[CoCo]:
+    """A registered CoCo variant with some keys fixed (removed from its config keys)."""
+    sig = inspect.signature(CoCo.__init__)
+    params = [p for n, p in sig.parameters.items() if n not in fixed]
+
+    def __init__(self: CoCo, **kw: Any) -> None:
+        CoCo.__init__(self, **{**kw, **fixed})
+
+    __init__.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    __init__.__annotations__ = {k: v for k, v in CoCo.__init__.__annotations__.items() if k not in fixed}
+    cls = type(f"CoCo_{name.replace('-', '_')}", (CoCo,), {"__init__": __init__, "name": name, "__doc__": doc,
+                                                          "__module__": __name__})
+    register_method(name)(cls)
+    return cls  # type: ignore[return-value]
+
+
+CoCoNoVQ = _variant("coco-novq", "CoCo with a random fixed code per user (no query, no VQ).", vq=False)
+CoCoNoJudge = _variant("coco-nojudge", "CoCo without contradiction elimination (frozen LM, no LoRA).", judge=False)
+StaticPrompt = _variant("static", "One learnable soft prompt shared by every user (the static template).",
+                        codebook_size=1, vq=False, judge=False, guard=False)

@@ -1,0 +1,51 @@
+"""The judge: confidence, contradiction mask on hand-made probabilities, phase schedule."""
+
+from __future__ import annotations
+
+import torch
+
+from cocorec.coco.judge import COLLABORATION, CONTRADICTION, PhaseScheduler, confidence, contradiction_mask
+
+
+def test_confidence_is_probability_of_true_label():
+    p = torch.tensor([0.9, 0.9, 0.2])
+    y = torch.tensor([1.0, 0.0, 0.0])
+    assert torch.allclose(confidence(p, y), torch.tensor([0.9, 0.1, 0.8]))
+
+
+def test_contradiction_mask_hand_made():
+    y = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0])
+    p_zero = torch.tensor([0.70, 0.70, 0.30, 0.30, 0.50])
+    p_plus = torch.tensor([0.60, 0.69, 0.45, 0.10, 0.50])
+    # 1: knowledge lowers confidence 0.70 -> 0.60 (> delta): contradicts; 2: only by 0.01: no;
+    # 3: negative, p rises 0.30 -> 0.45: contradicts; 4: helps; 5: no change.
+    assert contradiction_mask(p_plus, p_zero, y, delta=0.05).tolist() == [True, False, True, False, False]
+    assert contradiction_mask(p_plus, p_zero, y, delta=0.0).tolist() == [True, True, True, False, False]
+
+
+def test_scheduler_enters_and_leaves_contradiction_phase():
+    s = PhaseScheduler(threshold=0.2, window=3, phase_steps=2, cooldown_steps=4, max_phases=2)
+    for r in [0.5, 0.5]:
+        assert s.observe(r) is None          # window not full yet
+    assert s.observe(0.5) == "start" and s.phase == CONTRADICTION
+    assert s.observe(0.5) is None
+    assert s.observe(0.5) == "end" and s.phase == COLLABORATION
+    events = [s.observe(0.5) for _ in range(4)]
+    assert events == [None, None, None, "start"]   # cooldown of 4 steps, window refilled
+    s.end_phase()
+    assert all(s.observe(0.9) is None for _ in range(10))   # max_phases reached
+    assert s.n_phases == 2 and len(s.history) == 19
+    # Low rates never start a phase; a disabled scheduler never does.
+    low = PhaseScheduler(threshold=0.2, window=2, cooldown_steps=0)
+    assert all(low.observe(0.1) is None for _ in range(5))
+    off = PhaseScheduler(threshold=0.0, window=1, cooldown_steps=0, enabled=False)
+    assert all(off.observe(1.0) is None for _ in range(5))
+
+
+def test_scheduler_state_round_trip():
+    s = PhaseScheduler(threshold=0.1, window=2, phase_steps=5, cooldown_steps=0)
+    for r in [0.3, 0.3, 0.3]:
+        s.observe(r)
+    t = PhaseScheduler(threshold=0.1, window=2, phase_steps=5, cooldown_steps=0)
+    t.load(s.state())
+    assert t.state() == s.state() and t.phase == CONTRADICTION

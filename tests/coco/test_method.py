@@ -1,0 +1,180 @@
+"""The CoCo method on a tiny random LM: LoRA gradient routing, checkpoints, guard, variants, end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cocorec.coco.judge import CONTRADICTION
+from cocorec.knowledge.base import build_method
+from cocorec.models import build_model
+from cocorec.train.run import RunConfig, run
+from cocorec.train.trainer import TrainConfig, Trainer
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*user texts exceed")
+
+SMALL = dict(lm="tiny", codebook_size=4, max_text_tokens=48, lm_users_per_step=6, contradiction_users_per_step=3,
+             lm_batch_users=16, readout_dim=16, readout_hidden=32, knowledge_dim=8, guard_min_samples=1)
+TRAIN = TrainConfig(epochs=1, batch_size=64, eval_batch_size=512, threads=1, patience=1)
+
+
+def _setup(data, method="coco", seed=0, prepare=True, **kw):
+    torch.manual_seed(seed)
+    m = build_method(method, **{**SMALL, **kw})
+    model = build_model("din", data.spec, knowledge_dims=m.knowledge_dims, hidden_units=(32, 16))
+    tr = Trainer(model, m, data, TRAIN, quiet=True)
+    if prepare:
+        m.prepare(data)
+    return tr, m, model
+
+
+def _batch(data, n=64):
+    return data.batch("train", np.arange(n))
+
+
+def _step(tr, m, model, batch, step=1):
+    loss, logs = m.training_loss(model, batch, step)
+    tr.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    tr.optimizer.step()
+    return logs
+
+
+def _lora(m):
+    return [p.detach().clone() for p in m.lora_parameters]
+
+
+@pytest.mark.parametrize("delta, contradicts", [(5.0, False), (-5.0, True)])
+def test_lora_trains_only_on_contradicting_samples(toy_data, delta, contradicts):
+    tr, m, model = _setup(toy_data, delta=delta, knowledge_dropout=0.0)
+    batch = _batch(toy_data)
+    before = _lora(m)
+    _step(tr, m, model, batch)                        # collaboration step: LoRA frozen
+    assert all(p.grad is None for p in m.lora_parameters)
+    assert all(torch.equal(a, b) for a, b in zip(before, _lora(m)))
+    prompts = m.codebook.prompts.detach().clone()
+    m.scheduler.phase = CONTRADICTION
+    logs = _step(tr, m, model, batch, step=2)
+    after = _lora(m)
+    changed = any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert changed is contradicts
+    assert (logs["contradicting_rows"] > 0) is contradicts
+    assert m.n_lora_updates == int(contradicts)
+    if contradicts:   # LoRA got exactly the gradient of the contradiction loss (hook), others the full loss
+        assert all(torch.equal(p.grad, g) for p, g in zip(m.lora_parameters, m._lora_override))
+        assert not torch.equal(prompts, m.codebook.prompts.detach())
+
+
+def test_checkpoint_round_trip_gives_identical_scores(toy_data, tmp_path):
+    # Force contradiction phases so LoRA moves and the user-text caches must be rebuilt after loading.
+    kw = dict(delta=-1.0, rate_threshold=-1.0, rate_window=1, warmup_steps=1, cooldown_steps=1, phase_steps=1)
+    tr, m, model = _setup(toy_data, prepare=False, **kw)
+    tr.fit()
+    assert m.n_lora_updates > 0
+    tr.save_checkpoint(tmp_path / "ckpt")
+    ref = tr.predict("test")["prob"]
+    tr2, m2, _ = _setup(toy_data, seed=1, **kw)
+    assert not np.allclose(tr2.predict("test")["prob"], ref)
+    tr2.load_checkpoint(tmp_path / "ckpt")
+    np.testing.assert_allclose(tr2.predict("test")["prob"], ref, rtol=1e-6, atol=1e-7)
+    assert torch.equal(m2._guard_enabled, m._guard_enabled)
+
+
+class _FakeTrainer:
+    """Validation predictions where knowledge ruins one group's ranking and leaves the others alone."""
+
+    def __init__(self, users, labels, good, bad_users, shift_without=1.0):
+        self.users, self.labels = users, labels
+        rng = np.random.default_rng(0)
+        in_bad = np.isin(users, bad_users)
+        self.bad = np.where(in_bad, rng.random(len(users)), good)
+        # Without knowledge the bad group ranks well inside itself; shift_without < 1 pushes its
+        # scores below everyone else's, so switching its knowledge off would hurt the overall AUC.
+        self.good = np.where(in_bad, good * shift_without, good)
+
+    def predict(self, split, use_knowledge=True):
+        return {"prob": self.bad if use_knowledge else self.good, "label": self.labels, "user": self.users}
+
+
+def test_group_guard_disables_knowledge_where_it_hurts(toy_data):
+    tr, m, model = _setup(toy_data)
+    groups = np.asarray(toy_data.user_groups[m.guard_grouping_used])
+    hurt = m.guard_groups[0]
+    users = np.repeat(np.arange(toy_data.n_users), 20)
+    rng = np.random.default_rng(1)
+    labels = (rng.random(len(users)) > 0.5).astype(np.float32)
+    good = np.clip(labels * 0.5 + rng.random(len(users)) * 0.5, 0, 1)
+    m.on_fit_end(_FakeTrainer(users, labels, good, np.flatnonzero(groups == hurt)))
+    rep = m.diagnostics()["guard"]
+    assert rep["disabled"] == [hurt]
+    assert all(r["knowledge"] == "on" for g, r in rep["groups"].items() if g != hurt)
+    batch = toy_data.batch("train", np.arange(toy_data.split("train").n))
+    with torch.no_grad():
+        k = m(batch)[0]
+    in_hurt = torch.from_numpy(groups[batch["user"].numpy()] == hurt)
+    assert in_hurt.any() and (~in_hurt).any()
+    assert k[in_hurt].abs().sum() == 0 and (k[~in_hurt].abs().sum(-1) > 0).all()
+    assert rep["val_auc_guarded"] > rep["val_auc_all_on"]
+    # Same per-group harm, but the group's no-knowledge scores do not rank against the others': kept on.
+    m.on_fit_end(_FakeTrainer(users, labels, good, np.flatnonzero(groups == hurt), shift_without=0.01))
+    rep = m.diagnostics()["guard"]
+    assert rep["groups"][hurt]["harmed"] and rep["disabled"] == []
+    assert rep["groups"][hurt]["overall_auc_if_off"] < rep["val_auc_all_on"]
+
+
+@pytest.mark.parametrize("method", ["static", "coco-novq", "coco-nojudge"])
+def test_variants_train_a_step(toy_data, method):
+    tr, m, model = _setup(toy_data, method=method)
+    logs = _step(tr, m, model, _batch(toy_data))
+    assert np.isfinite(logs["bce"])
+    codes = m.code_assignments()
+    if method == "static":
+        assert m.codebook_size == 1 and set(codes.tolist()) == {0} and not m.use_guard
+    if method == "coco-novq":
+        assert torch.equal(codes, m._fixed_codes) and logs["vq"] == 0.0
+    if method in ("static", "coco-nojudge"):
+        assert m.lora_parameters == []
+
+
+def test_coco_trains_end_to_end_on_din(toy_data, tmp_path):
+    cfg = RunConfig(dataset="toy", backbone="din", method="coco", seed=0, output=str(tmp_path / "run"),
+                    results=str(tmp_path / "results.jsonl"), train=TrainConfig(**{**TRAIN.__dict__, "epochs": 2}),
+                    model={"hidden_units": (32, 16)}, method_args={**SMALL, "warmup_steps": 1, "rate_window": 1},
+                    quiet=True)
+    metrics = run(cfg, data=toy_data)
+    for split in ("val", "test", "test_no_knowledge"):
+        assert 0.0 <= metrics[split]["auc"] <= 1.0
+    d = metrics["diagnostics"]
+    assert d["codebook"]["size"] == 4 and sum(d["codebook"]["users_per_code"]) == toy_data.n_users
+    assert len(d["contradiction"]["rate_by_epoch"]) == 2 and d["contradiction"]["rate_steps"]
+    assert d["kv_cache"]["bytes"] > 0 and d["guard"]["groups"]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["config"]["method_config"]["codebook_size"] == 4
+
+
+@pytest.mark.parametrize("scope", ["all", "suffix"])
+def test_phase_rebuilds_text_caches_once_after_the_phase(toy_data, scope):
+    kw = dict(delta=-5.0, rate_threshold=-1.0, rate_window=1, warmup_steps=1, cooldown_steps=100, phase_steps=3,
+              knowledge_dropout=0.0, lora_scope=scope)
+    tr, m, model = _setup(toy_data, **kw)
+    batch = _batch(toy_data)
+    _step(tr, m, model, batch, step=0)                 # collaboration: fills the bank (builds train users)
+    built = m.kv.users_built
+    n_train = len(m._train_users)
+    assert built >= n_train and m.scheduler.phase == CONTRADICTION
+    for step in (1, 2, 3):                             # the phase: LoRA moves, nothing is rebuilt
+        _step(tr, m, model, batch, step=step)
+        assert m.kv.users_built == built
+    assert m.scheduler.phase != CONTRADICTION and m.n_lora_updates == 3
+    refreshes = m.timing["bank_refreshes"]
+    _step(tr, m, model, batch, step=4)                 # back to collaboration: one rebuild + bank refresh
+    assert m.timing["bank_refreshes"] == refreshes + 1
+    if scope == "all":
+        assert m.lm_version() != "base" and m.kv.users_built == built + n_train
+    else:                                              # the text is read by the base LM: no rebuild at all
+        assert m.lm_version() == "base" and m.kv.users_built == built
+    _step(tr, m, model, batch, step=5)
+    assert m.timing["bank_refreshes"] == refreshes + 1
