@@ -175,4 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: subcommand modules register into `cocorec.cli`, not into `__main__`.
+    from cocorec.cli import main as _main
+
+    sys.exit(_main())
