@@ -32,9 +32,10 @@ def test_scheduler_enters_and_leaves_contradiction_phase():
     assert s.observe(0.5) == "end" and s.phase == COLLABORATION
     events = [s.observe(0.5) for _ in range(4)]
     assert events == [None, None, None, "start"]   # cooldown of 4 steps, window refilled
-    s.end_phase()
+    s.observe(0.5)
+    assert s.end_phase() == "end"                  # cut short (e.g. by an epoch's end) after one step
     assert all(s.observe(0.9) is None for _ in range(10))   # max_phases reached
-    assert s.n_phases == 2 and len(s.history) == 19
+    assert s.n_phases == 2 and len(s.history) == 20
     # Low rates never start a phase; a disabled scheduler never does.
     low = PhaseScheduler(threshold=0.2, window=2, cooldown_steps=0)
     assert all(low.observe(0.1) is None for _ in range(5))
@@ -49,3 +50,14 @@ def test_scheduler_state_round_trip():
     t = PhaseScheduler(threshold=0.1, window=2, phase_steps=5, cooldown_steps=0)
     t.load(s.state())
     assert t.state() == s.state() and t.phase == CONTRADICTION
+
+
+def test_phase_decided_on_an_epochs_last_step_is_not_lost():
+    s = PhaseScheduler(threshold=0.1, window=2, phase_steps=3, cooldown_steps=50, max_phases=1)
+    s.observe(0.5)
+    assert s.observe(0.5) == "start"
+    assert s.end_phase() == "cancelled"          # the epoch ended before the phase ran a step
+    assert s.n_phases == 0 and s.phase == COLLABORATION
+    assert s.observe(0.5) == "start"             # no cooldown: it starts again at once
+    s.observe(0.5)
+    assert s.end_phase() == "end" and s.n_phases == 1   # a phase cut short by an epoch's end still counts

@@ -87,9 +87,18 @@ class PhaseScheduler:
         return None
 
     def end_phase(self) -> str | None:
-        """End a running contradiction phase (also called at an epoch's end)."""
+        """End a running contradiction phase (also called at an epoch's end).
+
+        A phase that has not run a single step yet (it was decided on an epoch's last step) is
+        cancelled instead: it does not count, and the next step may start it again.
+        """
         if self.phase != CONTRADICTION:
             return None
+        if self.steps_in_phase == 0:
+            self.phase = COLLABORATION
+            self.n_phases -= 1
+            self.events.append({"step": self.steps, "event": "cancelled"})
+            return "cancelled"
         self.phase = COLLABORATION
         self.steps_in_phase = 0
         self.last_phase_end = self.steps

@@ -36,7 +36,10 @@ LoRA receives the gradient of (masked BCE over the contradicting samples + InfoN
 by ``torch.autograd.grad`` and swapped in by a gradient hook during the trainer's backward -
 while every other parameter receives the gradient of the usual loss over all samples. After the
 phase the user-text caches are stale (their version is the LoRA fingerprint) and are rebuilt,
-lazily, when next read.
+lazily, when next read; the bank is refilled once, at the first collaboration step after the
+phase. ``lora_scope="suffix"`` instead keeps reading the text with the base LM (its cache is
+never rebuilt) and lets LoRA act on the prompt positions only: a contradiction step then costs a
+cached step.
 
 Group guard (beyond the paper), in ``on_fit_end``: per user group (``guard_grouping``, default
 gender x age group) validation AUC with vs without knowledge; groups where knowledge costs more
@@ -55,7 +58,6 @@ import inspect
 import json
 import math
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
