@@ -157,6 +157,33 @@ def test_skip_resume_and_failures(tmp_path: Path) -> None:
     assert calls == [] and "todo" in out[0] and "cached" in out[0] and "2 todo" in out[-1]
 
 
+def test_shards_split_a_grid_and_share_one_results_file(tmp_path: Path) -> None:
+    from cocorec.bench.cli import parse_shard
+
+    g = load_grid({"backbones": ["din", "deepfm", "dcnv2"], "methods": ["base"], "seeds": [0, 1],
+                   "overrides": {"train.epochs": 1}})
+    results = tmp_path / "res.jsonl"
+    kw = dict(out_dir=str(tmp_path / "runs"), results=str(results), quiet=True, log=lambda s: None,
+              data_fn=lambda cfg: None)
+    ran: list[list] = []
+    for i in range(3):
+        calls: list = []
+        s = run_grid(g, runner=_fake_runner(calls), shard=(i, 3), **kw)
+        assert len(s.runs) == 2 and all(p.status == "done" for p in s.runs)
+        ran.append(calls)
+    all_keys = [p.key for p in expand_grid(g, out_dir=kw["out_dir"], results=str(results))]
+    assert sorted(k for c in ran for k in c) == sorted(all_keys)         # each run exactly once
+    assert ran[1] == all_keys[1::3]
+    # afterwards the whole grid is cached
+    assert all(p.status == "cached" for p in plan_status(expand_grid(g, out_dir=kw["out_dir"]), results))
+    assert parse_shard("2/4") == (2, 4) and parse_shard(None) is None
+    for bad in ("4/4", "x", "1/0", "-1/3"):
+        with pytest.raises(GridError, match="shard"):
+            parse_shard(bad)
+    with pytest.raises(GridError, match="shard"):
+        run_grid(g, runner=_fake_runner([]), shard=(3, 3), **kw)
+
+
 def test_interrupt_stops_and_unavailable_is_recorded(tmp_path: Path) -> None:
     g = load_grid({"methods": ["nosuch", "base"], "seeds": [0, 1]})
     results = tmp_path / "res.jsonl"

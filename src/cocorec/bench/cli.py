@@ -29,6 +29,24 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-report", action="store_true", help="do not write REPORT.md and plots at the end")
     p.add_argument("--report", default=None, help="report path (default: REPORT.md next to the results)")
     p.add_argument("--plots-dir", default=None, help="plots directory (default: plots/ next to the report)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only every N-th run starting at I (0-based), e.g. 4 processes: 0/4 .. 3/4 "
+                        "sharing one results file; run once more without --shard for the report")
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"1/4"`` -> ``(1, 4)``; ``None`` -> ``None``."""
+    if text is None:
+        return None
+    from cocorec.bench.grid import GridError
+
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise GridError(f"--shard must look like I/N, e.g. 0/4 (got {text!r})") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise GridError(f"--shard I/N needs 0 <= I < N (got {text!r})")
+    return i, n
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -36,14 +54,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from cocorec.bench.report import write_report
 
     grid = load_grid(args.grid)
+    shard = parse_shard(args.shard)
     if args.data_dir:
         grid.data_dir = args.data_dir
     out_dir = args.out_dir or default_out_dir(grid)
     results = args.results or default_results(grid, out_dir)
     try:
-        summary = run_grid(grid, out_dir=out_dir, results=results, quiet=args.quiet, dry_run=args.dry_run)
+        summary = run_grid(grid, out_dir=out_dir, results=results, quiet=args.quiet, dry_run=args.dry_run,
+                           shard=shard)
     finally:
-        if not args.dry_run and not args.no_report and Path(results).is_file():
+        if not args.dry_run and not args.no_report and shard is None and Path(results).is_file():
             report, plots = write_report(results, args.report, args.plots_dir, grid=grid)
             print(f"report: {report}" + (f" ({len(plots)} plots in {plots[0].parent})" if plots else ""))
     if args.dry_run:

@@ -417,8 +417,13 @@ def format_plan(plans: Iterable[PlannedRun]) -> str:
 def run_grid(grid: Grid, out_dir: str | None = None, results: str | None = None, quiet: bool = False,
              dry_run: bool = False, log: Callable[[str], None] = print,
              runner: Callable[..., dict[str, Any]] | None = None,
-             data_fn: Callable[[Any], Any] | None = None) -> BenchSummary:
+             data_fn: Callable[[Any], Any] | None = None,
+             shard: tuple[int, int] | None = None) -> BenchSummary:
     """Run every run of ``grid`` that is not cached; failures are recorded and the grid goes on.
+
+    ``shard=(i, n)``: run only the runs whose position in the expanded grid is ``i`` modulo ``n``,
+    so ``n`` processes (or machines) sharing one results file split a grid between them; the
+    results line is a single append, so concurrent shards never interleave lines.
 
     ``runner`` (default :func:`cocorec.train.run.run`) is called as ``runner(cfg, data=data_fn(cfg))``;
     the default ``data_fn`` prepares each dataset once and shares it between consecutive runs.
@@ -427,6 +432,11 @@ def run_grid(grid: Grid, out_dir: str | None = None, results: str | None = None,
     out_dir = out_dir or default_out_dir(grid)
     results = results or default_results(grid, out_dir)
     plans = plan_status(expand_grid(grid, out_dir=out_dir, results=results, quiet=quiet), results)
+    if shard is not None:
+        i, n = shard
+        if not (n >= 1 and 0 <= i < n):
+            raise GridError(f"shard must be I/N with 0 <= I < N (got {i}/{n})")
+        plans = plans[i::n]
     summary = BenchSummary(results=str(results), runs=plans)
     if dry_run:
         log(format_plan(plans))
