@@ -12,7 +12,7 @@ from cocorec.coco.judge import CONTRADICTION
 from cocorec.knowledge.base import build_method
 from cocorec.models import build_model
 from cocorec.train.run import RunConfig, run
-from cocorec.train.trainer import TrainConfig, Trainer
+from cocorec.train.trainer import TrainConfig, Trainer, to_device
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*user texts exceed")
 
@@ -31,8 +31,9 @@ def _setup(data, method="coco", seed=0, prepare=True, **kw):
     return tr, m, model
 
 
-def _batch(data, n=64):
-    return data.batch("train", np.arange(n))
+def _batch(data, tr, n=64):
+    """A training batch on the trainer's device (CUDA where the suite runs on a GPU machine)."""
+    return to_device(data.batch("train", np.arange(n)), tr.device)
 
 
 def _step(tr, m, model, batch, step=1):
@@ -50,7 +51,7 @@ def _lora(m):
 @pytest.mark.parametrize("delta, contradicts", [(5.0, False), (-5.0, True)])
 def test_lora_trains_only_on_contradicting_samples(toy_data, delta, contradicts):
     tr, m, model = _setup(toy_data, delta=delta, knowledge_dropout=0.0)
-    batch = _batch(toy_data)
+    batch = _batch(toy_data, tr)
     before = _lora(m)
     _step(tr, m, model, batch)                        # collaboration step: LoRA frozen
     assert all(p.grad is None for p in m.lora_parameters)
@@ -111,10 +112,10 @@ def test_group_guard_disables_knowledge_where_it_hurts(toy_data):
     rep = m.diagnostics()["guard"]
     assert rep["disabled"] == [hurt]
     assert all(r["knowledge"] == "on" for g, r in rep["groups"].items() if g != hurt)
-    batch = toy_data.batch("train", np.arange(toy_data.split("train").n))
+    batch = to_device(toy_data.batch("train", np.arange(toy_data.split("train").n)), tr.device)
     with torch.no_grad():
-        k = m(batch)[0]
-    in_hurt = torch.from_numpy(groups[batch["user"].numpy()] == hurt)
+        k = m(batch)[0].cpu()
+    in_hurt = torch.from_numpy(groups[batch["user"].cpu().numpy()] == hurt)
     assert in_hurt.any() and (~in_hurt).any()
     assert k[in_hurt].abs().sum() == 0 and (k[~in_hurt].abs().sum(-1) > 0).all()
     assert rep["val_auc_guarded"] > rep["val_auc_all_on"]
@@ -128,7 +129,7 @@ def test_group_guard_disables_knowledge_where_it_hurts(toy_data):
 @pytest.mark.parametrize("method", ["static", "coco-novq", "coco-nojudge"])
 def test_variants_train_a_step(toy_data, method):
     tr, m, model = _setup(toy_data, method=method)
-    logs = _step(tr, m, model, _batch(toy_data))
+    logs = _step(tr, m, model, _batch(toy_data, tr))
     assert np.isfinite(logs["bce"])
     codes = m.code_assignments()
     if method == "static":
@@ -160,7 +161,7 @@ def test_phase_rebuilds_text_caches_once_after_the_phase(toy_data, scope):
     kw = dict(delta=-5.0, rate_threshold=-1.0, rate_window=1, warmup_steps=1, cooldown_steps=100, phase_steps=3,
               knowledge_dropout=0.0, lora_scope=scope)
     tr, m, model = _setup(toy_data, **kw)
-    batch = _batch(toy_data)
+    batch = _batch(toy_data, tr)
     _step(tr, m, model, batch, step=0)                 # collaboration: fills the bank (builds train users)
     built = m.kv.users_built
     n_train = len(m._train_users)
