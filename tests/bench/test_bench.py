@@ -89,7 +89,8 @@ def test_grid_method_overrides_and_errors(tmp_path: Path) -> None:
 def test_shipped_grids_load() -> None:
     from cocorec.bench.demo import QUICK_GRID, demo_grid
 
-    grids = {n: load_grid(REPO / "bench" / f"{n}.yaml") for n in ("quick", "full", "ci")}
+    grids = {n: load_grid(REPO / "bench" / f"{n}.yaml") for n in ("quick", "full", "ci", "ml100k-din-dcnv2")}
+    assert len(expand_grid(grids["ml100k-din-dcnv2"], out_dir="x")) == 42
     full = grids["full"]
     assert full.datasets == ["ml-100k", "ml-1m-3k"] and full.seeds == [0, 1, 2] and len(full.backbones) == 6
     assert set(full.methods) == {"base", "kar", "r4ec", "static", "coco", "coco-novq", "coco-nojudge"}
@@ -312,6 +313,11 @@ def test_report_renders_with_missing_runs(tmp_path: Path) -> None:
     assert "No results yet" in render_report([])
     odd = [{"dataset": "x", "method": "base", "backbone": "din", "seed": 0}]  # no metrics at all
     assert "| din | base | 1 | — |" in render_report(odd)
+    gpu = {"device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3", "cpu_count": 16, "torch_threads": 2,
+           "torch": "2.11.0"}
+    text = render_report([{**odd[0], "machine": gpu}, {**odd[0], "seed": 1, "machine": {**gpu, "device": "cpu",
+                                                                                       "device_name": None}}])
+    assert "Machine(s): NVIDIA H100 80GB HBM3, 16 CPUs, 2 torch threads, torch 2.11.0; cpu, 16 CPUs" in text
 
 
 def test_plots_written(tmp_path: Path) -> None:

@@ -5,13 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-
 from tests.conftest import write_generic
-
-# One thread: the test machine's cores are shared, and tiny matrices gain nothing from more.
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="session")
 def toy_data(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):

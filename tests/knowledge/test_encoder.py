@@ -14,15 +14,6 @@ from cocorec.knowledge.lm import LMError, locate_package_dir
 TEXTS = ["a user who loves film noir", "Toy Story (1995)", "", "x" * 300]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread. Two OpenMP threads on a busy 2-core box stall at every barrier (~30x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def enc() -> TextEncoder:
     return TextEncoder.tiny(dim=32)

@@ -8,14 +8,6 @@ import torch
 from cocorec.knowledge.hea import HybridExpertAdaptor, expert_mlp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_output_shapes_and_gates_sum_to_one():
     torch.manual_seed(0)
     hea = HybridExpertAdaptor(in_dim=48, n_types=2, n_shared=2, n_specific=3, hidden=(128, 32))

@@ -22,15 +22,6 @@ from cocorec.utils.io import key_of
 from tests.conftest import write_generic
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core box: one thread (two stall at every OpenMP barrier)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class FakeLM:
     """Deterministic stand-in for an LM: the text is a hash of the whole prompt (tiny_lm truncates long
     prompts to their last tokens, so different prompts with the same ending would give the same text)."""

@@ -37,15 +37,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread. Two OpenMP threads on a busy 2-core box stall at every barrier (~30x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def lm() -> LM:
     return tiny_lm(seed=0)

@@ -22,15 +22,6 @@ SPEC = FeatureSpec(n_items=40, n_tags=7, max_tags=3, max_hist_len=6,
                    user_fields={"gender": 3, "age": 5}, item_fields={"decade": 4, "lang": 3})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine threads slow them down."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(name: str, knowledge_dims=(8, 8), seed: int = 0, **kw) -> BaseModel:
     torch.manual_seed(seed)
     return build_model(name, SPEC, knowledge_dims=list(knowledge_dims), **{**SMALL, **kw})

@@ -69,6 +69,7 @@ def test_run_writes_metrics_and_appends_results(ml100k, tmp_path):
     rec = json.loads(lines[-1])
     assert rec["backbone"] == "din" and rec["method"] == "base" and rec["seed"] == 1 and rec["git_sha"]
     assert rec["metrics"]["test"]["auc"] == m["test"]["auc"]
+    assert rec["machine"]["device"] == "cpu" and rec["machine"]["cpu_count"] >= 1   # where it ran
     assert json.loads((tmp_path / "o" / "checkpoint" / "config.json").read_text())["backbone"] == "din"
 
 

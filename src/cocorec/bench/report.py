@@ -292,6 +292,12 @@ def _expected_from_grid(grid: Any) -> dict[str, dict[str, Any]]:
     return exp
 
 
+def machine_label(m: Mapping[str, Any]) -> str:
+    """``{"device": "cuda:0", "device_name": "NVIDIA H100", "cpu_count": 16, ...}`` -> a short label."""
+    dev = str(m.get("device_name") or m.get("device") or "?")
+    return f"{dev}, {m.get('cpu_count', '?')} CPUs, {m.get('torch_threads', '?')} torch threads, torch {m.get('torch', '?')}"
+
+
 def render_report(records: Iterable[Mapping[str, Any]], *, results_path: str | None = None,
                   failures: Iterable[Mapping[str, Any]] = (), grid: Any = None,
                   plots: Mapping[str, str] | None = None, hurt_margin: float = 0.001) -> str:
@@ -311,6 +317,9 @@ def render_report(records: Iterable[Mapping[str, Any]], *, results_path: str | N
                                           if superseded else "") + ".")
     if shas:
         L.append(f"Code version(s): {', '.join(f'`{s}`' for s in shas)}.")
+    machines = sorted({machine_label(r["machine"]) for r in runs if r.get("machine")})
+    if machines:
+        L.append(f"Machine(s): {'; '.join(machines)}.")
     L += ["", "Test metrics are mean ± sample std (ddof=1) over seeds. "
           "RelaImpr = ((AUC − 0.5) / (AUC_base − 0.5) − 1) × 100 by mean test AUC against `base` on the same "
           "backbone. \"Δ AUC vs kar\" is the mean seed-paired test-AUC difference to `kar` with a two-sided "

@@ -12,12 +12,15 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import platform
 import resource
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from cocorec.config import ConfigError, apply_overrides, check_kwargs
 from cocorec.data.protocol import CTRData, ProtocolConfig, prepare
@@ -98,6 +101,17 @@ def git_sha() -> str:
         return "unknown"
 
 
+def machine_info(device: torch.device | str) -> dict[str, Any]:
+    """Where a run ran (goes into every results line: figures from different machines differ)."""
+    dev = torch.device(device)
+    info: dict[str, Any] = {"device": str(dev), "cpu": platform.processor() or platform.machine(),
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "torch": torch.__version__, "python": platform.python_version()}
+    if dev.type == "cuda" and torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name(dev)
+    return info
+
+
 def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -139,6 +153,7 @@ def run(cfg: RunConfig, data: CTRData | None = None) -> dict[str, Any]:
     summary = trainer.summary()
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     summary["peak_memory_mb"] = round(peak_memory_mb(), 1)
+    summary["machine"] = machine_info(trainer.device)
     metrics["train"] = summary
     metrics["config"] = {"dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method, "seed": cfg.seed,
                          "run_key": cfg.key(), "data_key": data.key, "protocol": asdict(cfg.protocol),
@@ -161,5 +176,6 @@ def run(cfg: RunConfig, data: CTRData | None = None) -> dict[str, Any]:
             "config": metrics["config"], "metrics": {"val": val, "test": test,
                                                     "test_no_knowledge": metrics.get("test_no_knowledge")},
             "groups": metrics["groups"], "diagnostics": metrics["diagnostics"],
+            "machine": summary["machine"],
             "cost": {k: summary[k] for k in ("wall_seconds", "train_seconds", "samples_per_s", "peak_memory_mb")}})
     return metrics
