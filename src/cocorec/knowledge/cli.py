@@ -19,7 +19,7 @@ from typing import Any
 
 from cocorec.cli import EXTRA_COMMANDS
 
-_DEFAULTS = {"lm": "smollm2", "encoder": "minilm", "max_new_tokens": 64, "batch_size": 16, "item_batch_size": 32,
+_DEFAULTS = {"lm": "smollm2", "encoder": "minilm", "max_new_tokens": 64, "batch_size": 32, "item_batch_size": 64,
              "lm_device": "auto", "lm_dtype": "auto", "rounds": 1}
 
 
@@ -67,8 +67,8 @@ def _store(args: argparse.Namespace, progress: bool = False) -> Any:
     from cocorec.knowledge.kar import KnowledgeStore
 
     return KnowledgeStore(args.lm, getattr(args, "encoder", "minilm"), max_new_tokens=args.max_new_tokens,
-                          batch_size=getattr(args, "batch_size", 16),
-                          item_batch_size=getattr(args, "item_batch_size", 32), lm_device=args.lm_device,
+                          batch_size=getattr(args, "batch_size", 32),
+                          item_batch_size=getattr(args, "item_batch_size", 64), lm_device=args.lm_device,
                           lm_dtype=args.lm_dtype, progress=progress, log=lambda m: print(m, flush=True))
 
 

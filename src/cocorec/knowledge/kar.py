@@ -134,7 +134,7 @@ class KnowledgeStore:
     """
 
     def __init__(self, lm: Any = "smollm2", encoder: Any = "minilm", *, max_new_tokens: int = 64,
-                 batch_size: int = 16, item_batch_size: int = 32, root: str | Path | None = None,
+                 batch_size: int = 32, item_batch_size: int = 64, root: str | Path | None = None,
                  lm_device: str = "auto", lm_dtype: str = "auto", progress: bool = False,
                  log: Callable[[str], None] | None = None) -> None:
         self._lm = lm
@@ -340,7 +340,7 @@ class KarMethod(KnowledgeMethod):
     name = "kar"
 
     def __init__(self, lm: str = "smollm2", encoder: str = "minilm", max_new_tokens: int = 64,
-                 batch_size: int = 16, item_batch_size: int = 32, hidden: tuple[int, ...] = (128, 32),
+                 batch_size: int = 32, item_batch_size: int = 64, hidden: tuple[int, ...] = (128, 32),
                  n_shared: int = 2, n_specific: int = 2, dropout: float = 0.0, standardize: bool = False,
                  lm_device: str = "auto", lm_dtype: str = "auto") -> None:
         super().__init__()
@@ -438,7 +438,7 @@ class R4ecMethod(KarMethod):
     name = "r4ec"
 
     def __init__(self, lm: str = "smollm2", encoder: str = "minilm", max_new_tokens: int = 64,
-                 batch_size: int = 16, item_batch_size: int = 32, hidden: tuple[int, ...] = (128, 32),
+                 batch_size: int = 32, item_batch_size: int = 64, hidden: tuple[int, ...] = (128, 32),
                  n_shared: int = 2, n_specific: int = 2, dropout: float = 0.0, standardize: bool = False,
                  lm_device: str = "auto", lm_dtype: str = "auto", rounds: int = 1) -> None:
         super().__init__(lm=lm, encoder=encoder, max_new_tokens=max_new_tokens, batch_size=batch_size,
