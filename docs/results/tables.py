@@ -44,7 +44,7 @@ def fmt(values, d: int = 4) -> str:
     return f"{s['mean']:.{d}f} ± {s['std']:.{d}f}" if s["std"] is not None else f"{s['mean']:.{d}f}"
 
 
-def reference(cells, b: str, rs: dict) -> str:
+def reference(rs: dict) -> str:
     """kar/r4ec (all on the CPU) compare with the CPU base; everything else with the H100 base."""
     return "base (CPU)" if all(on_cpu(r) for r in rs.values()) else "base"
 
@@ -60,7 +60,7 @@ def main_table(cells) -> None:
             if not rs:
                 continue
             auc = {s: r["metrics"]["test"]["auc"] for s, r in rs.items()}
-            ref_name = reference(cells, b, rs)
+            ref_name = reference(rs)
             ref = {s: r["metrics"]["test"]["auc"] for s, r in cells[(b, ref_name)].items()}
             where = "/".join(dict.fromkeys("CPU" if on_cpu(r) else "H100" for r in rs.values()))
             k0 = [(r["metrics"].get("test_no_knowledge") or {}).get("auc") for r in rs.values()]
@@ -107,7 +107,7 @@ def group_tables(cells, margin: float = 0.001) -> None:
     for b, name in BACKBONES.items():
         for m in METHODS[2:]:
             rs = cells.get((b, m), {})
-            ref = reference(cells, b, rs)
+            ref = reference(rs)
             diffs = [(g, float(np.mean(auc[(b, m)][g]) - np.mean(auc[(b, ref)][g]))) for g in groups]
             hurt = [f"{g} ({d:+.4f})" for g, d in diffs if d < -margin]
             print(f"- {name} {m} hurts {len(hurt)}/{len(groups)}" + (": " + ", ".join(hurt) if hurt else ""))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from tests.conftest import write_generic
 
+
 @pytest.fixture(scope="session")
 def toy_data(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from cocorec.data import prepare

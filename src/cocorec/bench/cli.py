@@ -38,15 +38,13 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     """``"1/4"`` -> ``(1, 4)``; ``None`` -> ``None``."""
     if text is None:
         return None
-    from cocorec.bench.grid import GridError
+    from cocorec.bench.grid import GridError, check_shard
 
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
         raise GridError(f"--shard must look like I/N, e.g. 0/4 (got {text!r})") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise GridError(f"--shard I/N needs 0 <= I < N (got {text!r})")
-    return i, n
+    return check_shard(i, n)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -414,6 +414,13 @@ def format_plan(plans: Iterable[PlannedRun]) -> str:
     return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows)
 
 
+def check_shard(i: int, n: int) -> tuple[int, int]:
+    """``(i, n)`` if ``0 <= i < n``, else a :class:`GridError`."""
+    if not (n >= 1 and 0 <= i < n):
+        raise GridError(f"shard must be I/N with 0 <= I < N (got {i}/{n})")
+    return i, n
+
+
 def run_grid(grid: Grid, out_dir: str | None = None, results: str | None = None, quiet: bool = False,
              dry_run: bool = False, log: Callable[[str], None] = print,
              runner: Callable[..., dict[str, Any]] | None = None,
@@ -433,9 +440,7 @@ def run_grid(grid: Grid, out_dir: str | None = None, results: str | None = None,
     results = results or default_results(grid, out_dir)
     plans = plan_status(expand_grid(grid, out_dir=out_dir, results=results, quiet=quiet), results)
     if shard is not None:
-        i, n = shard
-        if not (n >= 1 and 0 <= i < n):
-            raise GridError(f"shard must be I/N with 0 <= I < N (got {i}/{n})")
+        i, n = check_shard(*shard)
         plans = plans[i::n]
     summary = BenchSummary(results=str(results), runs=plans)
     if dry_run:

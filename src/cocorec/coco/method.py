@@ -347,9 +347,11 @@ class CoCo(KnowledgeMethod):
     def _read(self, h_prompt: torch.Tensor, h_text: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
         return self.readout(h_prompt, h_text if self.readout_over_text else None, mask).float()
 
-    def _knowledge_cached(self, users: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    def _knowledge_cached(self, users: torch.Tensor, prompts: torch.Tensor, version: Any = None) -> torch.Tensor:
+        """``version``: the LM version when the caller already has it (it fingerprints every adapter)."""
         t0 = time.perf_counter()
-        h_p, h_t, mask = self.kv.suffix_hidden(users.cpu(), prompts, version=self.lm_version())
+        version = self.lm_version() if version is None else version
+        h_p, h_t, mask = self.kv.suffix_hidden(users.cpu(), prompts, version=version)
         k = self._read(h_p, h_t, mask)
         self.timing["lm_suffix_s"] += time.perf_counter() - t0
         return k
@@ -364,12 +366,13 @@ class CoCo(KnowledgeMethod):
     def user_knowledge(self, users: torch.Tensor, apply_guard: bool = True) -> torch.Tensor:
         """k_u of ``users`` [M, knowledge_dim] with the current weights (chunked; grad only if enabled)."""
         users = users.to(self.device)
-        self.kv.ensure(users.cpu(), self.lm_version())   # all at once: length-sorted batches
+        version = self.lm_version()
+        self.kv.ensure(users.cpu(), version)   # all at once: length-sorted batches
         out = []
         for start in range(0, len(users), self.lm_batch_users):
             u = users[start:start + self.lm_batch_users]
             _, prompts, _, _ = self._codes_and_prompts(u, record=False)
-            out.append(self._knowledge_cached(u, prompts))
+            out.append(self._knowledge_cached(u, prompts, version))
         k = torch.cat(out) if out else torch.zeros(0, self.knowledge_dim, device=self.device)
         if apply_guard and self.use_guard:
             k = k * self._guard_enabled[self._user_group[users]].unsqueeze(-1).to(k.dtype)
