@@ -395,3 +395,50 @@ def test_run_demo_reports_a_missing_method_and_goes_on(ml100k, tmp_path: Path, m
     assert "nosuch   UNAVAILABLE method 'nosuch' is not available" in out
     assert "base     done" in out and "report: runs/demo/quick/REPORT.md" in out
     assert (tmp_path / "runs" / "demo" / "quick" / "REPORT.md").is_file()
+
+
+def test_subset_grid_runs_part_of_a_grid_into_the_same_results(tmp_path: Path, capsys) -> None:
+    from cocorec.bench.grid import subset_grid
+    from cocorec.cli import main
+
+    g = load_grid({"backbones": ["din", "deepfm"], "methods": ["base", "kar", "coco"], "seeds": [0, 1],
+                   "method_overrides": {"coco": {"method.codebook_size": 8}}})
+    results = tmp_path / "res.jsonl"
+    kw = dict(out_dir=str(tmp_path / "runs"), results=str(results), quiet=True, log=lambda s: None,
+              data_fn=lambda cfg: None)
+    cheap = subset_grid(g, methods="base,kar", backbones=["DIN"])
+    assert (cheap.backbones, cheap.methods, cheap.seeds, cheap.method_overrides) == (["din"], ["base", "kar"],
+                                                                                    [0, 1], {})
+    calls: list = []
+    run_grid(cheap, runner=_fake_runner(calls), **kw)
+    assert len(calls) == 4
+    whole = plan_status(expand_grid(g, out_dir=kw["out_dir"], results=str(results)), results)
+    done = {(p.backbone, p.method, p.seed) for p in whole if p.status == "cached"}
+    assert done == {("din", m, s) for m in ("base", "kar") for s in (0, 1)}          # same keys as the whole grid
+    assert set(calls) == {p.key for p in whole if p.status == "cached"}
+    for bad, match in ((dict(methods="base,static"), "static not in the grid"), (dict(seeds="3"), "--seeds"),
+                       (dict(datasets="ml-1m-3k"), "--datasets")):
+        with pytest.raises(GridError, match=match):
+            subset_grid(g, **bad)
+    # the CLI: --methods with --dry-run lists only that part
+    gf = tmp_path / "g.yaml"
+    gf.write_text(yaml.safe_dump({"backbones": ["din", "deepfm"], "methods": ["base", "kar"], "seeds": [0, 1]}))
+    assert main(["bench", "--grid", str(gf), "--out-dir", str(tmp_path / "o"), "--methods", "kar",
+                 "--seeds", "1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs: 2 todo" in out and " base " not in out
+
+
+def test_report_names_the_machine_of_each_cell_when_runs_are_mixed() -> None:
+    gpu = {"device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3", "cpu_count": 16, "torch_threads": 2}
+    cpu = {"device": "cpu", "device_name": None, "cpu_count": 2, "torch_threads": 2}
+    recs = [{"dataset": "d", "backbone": "din", "method": m, "seed": s, "run_key": f"{m}{s}", "machine": mach,
+             "metrics": {"test": {"auc": 0.7, "logloss": 0.5, "gauc": 0.6}}}
+            for m, s, mach in [("base", 0, cpu), ("base", 1, cpu), ("coco", 0, gpu), ("coco", 1, cpu)]]
+    text = render_report(recs)
+    assert "| backbone | method | seeds | machine | test AUC |" in text
+    assert "| din | base | 2 | cpu | 0.7000 ± 0.0000 |" in text
+    assert "| din | coco | 2 | H100 80GB HBM3 ×1, cpu ×1 |" in text
+    assert "more than one machine" in text
+    one = render_report([r for r in recs if r["machine"] is cpu])                   # one machine: no column
+    assert "| machine |" not in one and "more than one machine" not in one

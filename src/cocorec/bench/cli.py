@@ -1,6 +1,7 @@
 """``cocorec bench`` and ``cocorec report`` (registered into the main CLI on import).
 
     cocorec bench --grid bench/quick.yaml [--results F] [--out-dir runs/bench/quick] [--dry-run] [--quiet]
+    cocorec bench --grid bench/full.yaml --methods base,kar,r4ec    # a part of the grid now, the rest later
     cocorec report --results runs/bench/quick/results.jsonl [--output REPORT.md] [--plots-dir DIR]
 
 ``bench`` runs every run of the grid that is not already in the results file (rerun it after an
@@ -32,6 +33,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="run only every N-th run starting at I (0-based), e.g. 4 processes: 0/4 .. 3/4 "
                         "sharing one results file; run once more without --shard for the report")
+    for what, example in (("datasets", "ml-100k"), ("backbones", "din,deepfm"), ("methods", "base,kar,r4ec"),
+                           ("seeds", "0,1")):
+        p.add_argument(f"--{what}", default=None, metavar="A,B",
+                       help=f"run only these {what} of the grid (e.g. {example}); same run directories and "
+                            f"results file, and the report still lists the rest of the grid as missing")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -48,17 +54,19 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from cocorec.bench.grid import default_out_dir, default_results, load_grid, run_grid
+    from cocorec.bench.grid import default_out_dir, default_results, load_grid, run_grid, subset_grid
     from cocorec.bench.report import write_report
 
     grid = load_grid(args.grid)
     shard = parse_shard(args.shard)
     if args.data_dir:
         grid.data_dir = args.data_dir
+    todo = subset_grid(grid, datasets=args.datasets, backbones=args.backbones, methods=args.methods,
+                       seeds=args.seeds)
     out_dir = args.out_dir or default_out_dir(grid)
     results = args.results or default_results(grid, out_dir)
     try:
-        summary = run_grid(grid, out_dir=out_dir, results=results, quiet=args.quiet, dry_run=args.dry_run,
+        summary = run_grid(todo, out_dir=out_dir, results=results, quiet=args.quiet, dry_run=args.dry_run,
                            shard=shard)
     finally:
         if not args.dry_run and not args.no_report and shard is None and Path(results).is_file():

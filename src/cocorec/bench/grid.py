@@ -218,6 +218,46 @@ def load_grid(source: str | Path | Mapping[str, Any], name: str | None = None) -
     return g
 
 
+def subset_grid(grid: Grid, datasets: Any = None, backbones: Any = None, methods: Any = None,
+                seeds: Any = None) -> Grid:
+    """A copy of ``grid`` keeping only the named datasets/backbones/methods/seeds (None keeps all).
+
+    Run keys depend on the configuration only, so a subset writes into the same run directories and
+    results file as the whole grid: run the cheap methods now and the rest later (or elsewhere), and the
+    report of the whole grid lists what is still missing. A name the grid does not have is an error.
+
+    Example:
+        >>> g = load_grid({"backbones": ["din", "dcnv2"], "methods": ["base", "kar", "coco"], "seeds": [0, 1]})
+        >>> s = subset_grid(g, methods="base,kar", seeds="1")
+        >>> s.backbones, s.methods, s.seeds
+        (['din', 'dcnv2'], ['base', 'kar'], [1])
+    """
+    from dataclasses import replace
+
+    def keep(have: list, wanted: list, what: str) -> list:
+        unknown = [w for w in wanted if w not in have]
+        if unknown:
+            raise GridError(f"--{what}: {', '.join(map(str, unknown))} not in the grid "
+                            f"(it has {', '.join(map(str, have))})")
+        return [h for h in have if h in wanted]
+
+    out = replace(grid)
+    if datasets is not None:
+        out.datasets = keep(grid.datasets, _str_list(datasets, "datasets"), "datasets")
+    if backbones is not None:
+        out.backbones = keep(grid.backbones, [b.lower() for b in _str_list(backbones, "backbones")], "backbones")
+    if methods is not None:
+        out.methods = keep(grid.methods, [m.lower() for m in _str_list(methods, "methods")], "methods")
+    if seeds is not None:
+        out.seeds = keep(grid.seeds, _seed_list(seeds), "seeds")
+    # overrides for backbones/methods no longer in the subset would fail expand_grid's "matches nothing" check
+    out.backbone_overrides = {p: ov for p, ov in grid.backbone_overrides.items()
+                              if any(_matches(p, b) for b in out.backbones)}
+    out.method_overrides = {p: ov for p, ov in grid.method_overrides.items()
+                            if any(_matches(p, m) for m in out.methods)}
+    return out
+
+
 # ----------------------------------------------------------------------------- expansion
 def _matches(pattern: str, name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, p.strip().lower()) for p in pattern.split(",") if p.strip())

@@ -217,6 +217,11 @@ def _cell(rs: list[Mapping[str, Any]], grouping: str | None) -> dict[str, Any]:
     for k in ("auc", "logloss", "gauc"):
         cell[k] = mean_std(t.get(k) for t in test)
     cell["n"] = len(rs)  # runs (seeds) present; a run without a test AUC still counts as present
+    cell["machines"] = {}
+    for r in rs:
+        if isinstance(r.get("machine"), Mapping):
+            label = machine_short(r["machine"])
+            cell["machines"][label] = cell["machines"].get(label, 0) + 1
     cell["val_auc"] = mean_std(_get(r, "metrics", "val", "auc") for r in rs)
     cell["auc_no_knowledge"] = mean_std(_get(r, "metrics", "test_no_knowledge", "auc") for r in rs)
     for k in ("wall_seconds", "train_seconds", "samples_per_s"):
@@ -298,6 +303,20 @@ def machine_label(m: Mapping[str, Any]) -> str:
     return f"{dev}, {m.get('cpu_count', '?')} CPUs, {m.get('torch_threads', '?')} torch threads, torch {m.get('torch', '?')}"
 
 
+def machine_short(m: Mapping[str, Any]) -> str:
+    """The device alone: ``"H100 80GB HBM3"`` (GPU name without the vendor) or ``"cpu"``."""
+    name = str(m.get("device_name") or m.get("device") or "?")
+    return name[len("NVIDIA "):] if name.startswith("NVIDIA ") else name
+
+
+def _machines_cell(machines: Mapping[str, int]) -> str:
+    if not machines:
+        return DASH
+    if len(machines) == 1:
+        return next(iter(machines))
+    return ", ".join(f"{k} ×{v}" for k, v in sorted(machines.items()))
+
+
 def render_report(records: Iterable[Mapping[str, Any]], *, results_path: str | None = None,
                   failures: Iterable[Mapping[str, Any]] = (), grid: Any = None,
                   plots: Mapping[str, str] | None = None, hurt_margin: float = 0.001) -> str:
@@ -346,6 +365,10 @@ def render_report(records: Iterable[Mapping[str, Any]], *, results_path: str | N
         # full table
         header = ["backbone", "method", "seeds", "test AUC", "LogLoss", "GAUC", "RelaImpr %", "Δ AUC vs kar",
                   "AUC k=0", "wall s", "train s", "peak MB"]
+        # runs from several machines: say which ran each cell (numerics and costs differ between machines)
+        mixed = len({k for row in cells.values() for c in row.values() for k in c["machines"]}) > 1
+        if mixed:
+            header.insert(3, "machine")
         if a.get("lm_tokens"):
             header.append("LM tokens")
         rows = []
@@ -373,8 +396,15 @@ def render_report(records: Iterable[Mapping[str, Any]], *, results_path: str | N
                        _num(c["wall_seconds"]), _num(c["train_seconds"]), _num(c["peak_memory_mb"])]
                 if a.get("lm_tokens"):
                     row.append(_num(c["lm_tokens"]))
+                if mixed:
+                    row.insert(3, _machines_cell(c["machines"]))
                 rows.append(row)
-        L += ["### All metrics", ""] + _table(header, rows) + [""]
+        L += ["### All metrics", ""] + _table(header, rows, "llr" + ("l" if mixed else "") + "r" * (len(header) - (4 if mixed else 3)))
+        L += [""]
+        if mixed:
+            L += ["These runs come from more than one machine (the machine column; seeds per machine). "
+                  "Floating-point results and costs differ between machines: compare a method with the base "
+                  "that ran on the same machine where you can.", ""]
         if n_missing:
             L += [f"{n_missing} run(s) of this dataset are missing (see Failures below, or run the grid again).", ""]
         # per-group table
