@@ -442,3 +442,21 @@ def test_report_names_the_machine_of_each_cell_when_runs_are_mixed() -> None:
     assert "more than one machine" in text
     one = render_report([r for r in recs if r["machine"] is cpu])                   # one machine: no column
     assert "| machine |" not in one and "more than one machine" not in one
+
+
+def test_dry_run_estimates_the_time_left_from_finished_runs(tmp_path: Path) -> None:
+    from cocorec.bench.grid import estimate_todo
+
+    g = load_grid({"backbones": ["din", "deepfm"], "methods": ["base", "kar"], "seeds": [0, 1]})
+    results = tmp_path / "res.jsonl"
+    lines = [{"dataset": "ml-100k", "backbone": "din", "method": "base", "cost": {"wall_seconds": 10}},
+             {"dataset": "ml-100k", "backbone": "deepfm", "method": "base", "cost": {"wall_seconds": 30}},
+             {"dataset": "ml-100k", "backbone": "din", "method": "base", "cost": {"wall_seconds": "bad"}}]
+    results.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    plans = plan_status(expand_grid(g, out_dir=str(tmp_path / "o"), results=str(results)), results)
+    secs, n, unknown = estimate_todo(plans, results)
+    assert (secs, n, unknown) == (2 * 10 + 2 * 30, 4, ["ml-100k kar"])   # per backbone where it has runs
+    out: list[str] = []
+    run_grid(g, out_dir=str(tmp_path / "o"), results=str(results), dry_run=True, log=out.append)
+    assert "~0.0 h for 4 run(s)" in out[-2] and "nothing to estimate from for: ml-100k kar" in out[-2]
+    assert out[-1].startswith("8 runs: 8 todo")

@@ -454,6 +454,33 @@ def format_plan(plans: Iterable[PlannedRun]) -> str:
     return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows)
 
 
+def estimate_todo(plans: Iterable[PlannedRun], results: str | Path) -> tuple[float, int, list[str]]:
+    """Rough wall time of the ``todo`` runs from the finished runs in ``results``.
+
+    Each todo run takes the mean ``cost.wall_seconds`` of finished runs of the same dataset, backbone
+    and method, else of the same dataset and method (any backbone). Returns (seconds, runs estimated,
+    labels "dataset method" with nothing to estimate from). Finished runs may come from another machine:
+    the figure is a guide, not a promise.
+    """
+    walls: dict[tuple, list[float]] = {}
+    for r in read_jsonl(results):
+        w = (r.get("cost") or {}).get("wall_seconds")
+        if isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0:
+            for k in ((r.get("dataset"), r.get("backbone"), r.get("method")), (r.get("dataset"), r.get("method"))):
+                walls.setdefault(k, []).append(float(w))
+    total, n, unknown = 0.0, 0, []
+    for p in plans:
+        if p.status != "todo":
+            continue
+        ws = walls.get((p.dataset, p.backbone, p.method)) or walls.get((p.dataset, p.method))
+        if ws:
+            total += sum(ws) / len(ws)
+            n += 1
+        else:
+            unknown.append(f"{p.dataset} {p.method}")
+    return total, n, list(dict.fromkeys(unknown))
+
+
 def check_shard(i: int, n: int) -> tuple[int, int]:
     """``(i, n)`` if ``0 <= i < n``, else a :class:`GridError`."""
     if not (n >= 1 and 0 <= i < n):
@@ -485,6 +512,11 @@ def run_grid(grid: Grid, out_dir: str | None = None, results: str | None = None,
     summary = BenchSummary(results=str(results), runs=plans)
     if dry_run:
         log(format_plan(plans))
+        secs, n_est, unknown = estimate_todo(plans, results)
+        if n_est or unknown:
+            log(f"todo: ~{secs / 3600:.1f} h for {n_est} run(s), by the mean wall time of finished runs of the "
+                f"same dataset and method (and backbone where there is one; other machines count too)"
+                + (f"; nothing to estimate from for: {', '.join(unknown)}" if unknown else ""))
         log(f"{summary.line()}  (results: {results})")
         return summary
     if runner is None:
