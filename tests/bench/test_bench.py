@@ -303,6 +303,8 @@ def test_report_renders_with_missing_runs(tmp_path: Path) -> None:
     assert "| din | coco | 3 | 0.7600 ± 0.0100 | 0.2400 ± 0.0100 | 0.7500 ± 0.0100 | +18.18 |" in text
     assert "| deepfm | base | 2/3 |" in text
     assert "+0.0100 (p=" in text and "3 pairs" in text and "(ref)" in text
+    assert "| +0.0100 (p=0.478, 3 pairs) | +0.0400 (p=0.057, 3 pairs) | 0.7400 ± 0.0100 |" in text  # vs kar, vs base
+    assert "| +0.00 | -0.0300 (p=0.035, 3 pairs) | (ref) | — |" in text                       # the base row
     assert "2 older lines superseded" in text
     assert "kar hurts 1/2 groups: female / <25 (-0.0100)" in text
     assert "coco hurts no group" in text and "- coco: missing" in text

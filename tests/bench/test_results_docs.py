@@ -20,3 +20,25 @@ def test_results_tables_print_every_method(capsys) -> None:
     # kar ran on the CPU, so it is compared with the CPU base; coco with the H100 base
     assert "| DIN | kar | 0,1,2 (CPU) |" in out and "| DIN | coco | 0,1,2 (H100) |" in out
     assert out.count("| female / 35-44 |") == 1 and "hurts" in out
+
+
+def test_full_grid_results_keep_only_the_grids_runs_latest_first(tmp_path: Path) -> None:
+    mod = runpy.run_path(str(REPO / "docs" / "results" / "full.py"))
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"run_key": "k1", "v": 1}\n{"run_key": "other", "v": 2}\n{"run_key": "k2", "v": 3}\n')
+    b.write_text('{"run_key": "k1", "v": 4}\nnot json\n')
+    runs, dropped = mod["collect"]([a, b], {"k1", "k2", "k3"})
+    assert [r["v"] for r in runs] == [3, 4] and dropped == 1              # later line wins, other configs out
+
+
+def test_committed_full_grid_results_are_runs_of_bench_full_yaml() -> None:
+    """A config change that alters run keys makes these lines stale: regenerate docs/results/full/."""
+    from cocorec.bench.grid import expand_grid, load_grid, read_jsonl
+    from cocorec.bench.report import render_report
+
+    grid = load_grid(REPO / "bench" / "full.yaml")
+    keys = {p.key for p in expand_grid(grid)}
+    lines = read_jsonl(REPO / "docs" / "results" / "full" / "results.jsonl")
+    assert len(lines) >= 42 and all(r["run_key"] in keys for r in lines)
+    text = render_report(lines, grid=grid)
+    assert "## ml-100k" in text and "## ml-1m-3k" in text and "| deepfm | kar | 3 |" in text

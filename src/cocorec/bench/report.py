@@ -193,6 +193,7 @@ def aggregate(records: Iterable[Mapping[str, Any]], hurt_margin: float = 0.001) 
                 c["rela_impr"] = (rela_impr(c["auc"]["mean"], bm)
                                   if bm is not None and c["auc"]["mean"] is not None and bm != 0.5 else None)
                 c["vs_kar"] = paired_ttest(c["auc_by_seed"], kar["auc_by_seed"]) if kar and m != "kar" else None
+                c["vs_base"] = paired_ttest(c["auc_by_seed"], base["auc_by_seed"]) if base and m != "base" else None
                 c["group_delta"], c["hurts"] = {}, []
                 if base and m != "base":
                     for g, st in c["groups"].items():
@@ -264,6 +265,18 @@ def _p(p: float | None) -> str:
     if p is None:
         return "n/a"
     return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def _paired(t: Mapping[str, Any] | None, ref: bool = False) -> str:
+    """A seed-paired difference as ``+0.0012 (p=0.340, 3 pairs)``; ``(ref)`` for the reference itself."""
+    if ref:
+        return "(ref)"
+    if t is None:
+        return DASH
+    if t["mean_diff"] is None:
+        return "n/a"
+    n = t["n_pairs"]
+    return _f(t["mean_diff"], 4, signed=True) + f" ({_p(t['p'])}, {n} pair{'s' if n != 1 else ''})"
 
 
 def _num(x: Any) -> str:
@@ -342,7 +355,7 @@ def render_report(records: Iterable[Mapping[str, Any]], *, results_path: str | N
     L += ["", "Test metrics are mean ± sample std (ddof=1) over seeds. "
           "RelaImpr = ((AUC − 0.5) / (AUC_base − 0.5) − 1) × 100 by mean test AUC against `base` on the same "
           "backbone. \"Δ AUC vs kar\" is the mean seed-paired test-AUC difference to `kar` with a two-sided "
-          "paired t-test (scipy `ttest_rel`; n/a with < 2 seed pairs). "
+          "paired t-test (scipy `ttest_rel`; n/a with < 2 seed pairs); \"Δ AUC vs base\" the same against `base`. "
           "\"AUC k=0\" is the same trained model with its knowledge fields zeroed. "
           f"\"{DASH}\" marks a missing run. Model selection used validation only.", ""]
     if not agg:
@@ -364,7 +377,7 @@ def render_report(records: Iterable[Mapping[str, Any]], *, results_path: str | N
         L += _table(["backbone"] + methods, rows, "l" + "r" * len(methods)) + [""]
         # full table
         header = ["backbone", "method", "seeds", "test AUC", "LogLoss", "GAUC", "RelaImpr %", "Δ AUC vs kar",
-                  "AUC k=0", "wall s", "train s", "peak MB"]
+                  "Δ AUC vs base", "AUC k=0", "wall s", "train s", "peak MB"]
         # runs from several machines: say which ran each cell (numerics and costs differ between machines)
         mixed = len({k for row in cells.values() for c in row.values() for k in c["machines"]}) > 1
         if mixed:
@@ -382,16 +395,9 @@ def render_report(records: Iterable[Mapping[str, Any]], *, results_path: str | N
                     continue
                 n_missing += max(0, n_exp - c["n"])
                 seeds_s = f"{c['n']}" + (f"/{n_exp}" if c["n"] < n_exp else "")
-                vk = c.get("vs_kar")
-                if m == "kar":
-                    vk_s = "(ref)"
-                elif vk is None:
-                    vk_s = DASH
-                else:
-                    vk_s = (_f(vk["mean_diff"], 4, signed=True) + f" ({_p(vk['p'])}, {vk['n_pairs']} pair{'s' if vk['n_pairs'] != 1 else ''})"
-                            if vk["mean_diff"] is not None else "n/a")
                 row = [b, m, seeds_s, _ms(c["auc"]), _ms(c["logloss"]), _ms(c["gauc"]),
-                       _f(c["rela_impr"], 2, signed=True) if c["rela_impr"] is not None else DASH, vk_s,
+                       _f(c["rela_impr"], 2, signed=True) if c["rela_impr"] is not None else DASH,
+                       _paired(c.get("vs_kar"), ref=m == "kar"), _paired(c.get("vs_base"), ref=m == "base"),
                        _ms(c["auc_no_knowledge"]) if m != "base" else DASH,
                        _num(c["wall_seconds"]), _num(c["train_seconds"]), _num(c["peak_memory_mb"])]
                 if a.get("lm_tokens"):
