@@ -300,6 +300,7 @@ def test_report_renders_with_missing_runs(tmp_path: Path) -> None:
     text = render_report(handmade(), results_path="r.jsonl", failures=failures, grid=g)
     assert "## ml-100k" in text and "## ml-1m-3k" in text                     # no results at all: still a table
     assert "| deepfm | coco | missing | — |" in text
+    assert "### Test GAUC (backbone × method)" in text and "| din | 0.7100 ± 0.0200 |" in text
     assert "| din | coco | 3 | 0.7600 ± 0.0100 | 0.2400 ± 0.0100 | 0.7500 ± 0.0100 | +18.18 |" in text
     assert "| deepfm | base | 2/3 |" in text
     assert "+0.0100 (p=" in text and "3 pairs" in text and "(ref)" in text

@@ -2,11 +2,11 @@
 
 Per dataset:
 
-* a compact test-AUC matrix (backbone x method, mean ± std over seeds);
-* the full table: test AUC, LogLoss, GAUC (mean ± sample std, ddof=1), seeds present, RelaImpr over
-  ``base`` of the same backbone (by mean AUC), the seed-paired difference to ``kar`` with a paired
-  t-test (``scipy.stats.ttest_rel``; "n/a" with fewer than 2 pairs), test AUC with the knowledge
-  zeroed, and cost (wall time, train time, peak memory, LM tokens when a method reports ``lm_tokens``);
+* compact test-AUC and test-GAUC matrices (backbone x method, mean ± std over seeds);
+* the full table: test AUC, LogLoss, GAUC (mean ± sample std, ddof=1), seeds present (and the machine
+  of each when runs come from several), RelaImpr over ``base`` of the same backbone (by mean AUC), the
+  seed-paired differences to ``kar`` and to ``base`` with paired t-tests (``scipy.stats.ttest_rel``;
+  "n/a" with fewer than 2 pairs), test AUC with the knowledge zeroed, and cost (wall time, train time, peak memory, LM tokens when a method reports ``lm_tokens``);
 * the per-group table (``gender x age_group`` when present): base, kar and coco test AUC per group,
   and for every knowledge method the groups whose AUC drops below base;
 * scalar method diagnostics (codebook perplexity, contradiction rate, ...).
@@ -374,6 +374,10 @@ def render_report(records: Iterable[Mapping[str, Any]], *, results_path: str | N
         rows = []
         for b in backbones:
             rows.append([b] + [_ms(cells.get(b, {}).get(m, {}).get("auc")) for m in methods])
+        L += _table(["backbone"] + methods, rows, "l" + "r" * len(methods)) + [""]
+        # GAUC ranks items within each user: knowledge can move it differently from the pooled AUC
+        L += ["### Test GAUC (backbone × method)", ""]
+        rows = [[b] + [_ms(cells.get(b, {}).get(m, {}).get("gauc")) for m in methods] for b in backbones]
         L += _table(["backbone"] + methods, rows, "l" + "r" * len(methods)) + [""]
         # full table
         header = ["backbone", "method", "seeds", "test AUC", "LogLoss", "GAUC", "RelaImpr %", "Δ AUC vs kar",
