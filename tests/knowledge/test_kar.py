@@ -290,3 +290,29 @@ def test_cli_generate_and_show(toy, tmp_path, capsys):
     assert "not generated yet" not in out.split("== item")[0]
     assert main(["knowledge", "show", *common, "--user", "nobody"]) == 2
     assert "nobody" in capsys.readouterr().err
+
+
+def test_item_field_only_skips_user_generation_and_round_trips(toy, tmp_path, monkeypatch):
+    made = _patch_models(monkeypatch, tmp_path)
+    cfg = RunConfig(dataset="toy", backbone="deepfm", method="kar", seed=0, output=str(tmp_path / "run"),
+                    results=str(tmp_path / "results.jsonl"), quiet=True,
+                    train=TrainConfig(epochs=1, batch_size=64, threads=1)).with_overrides(
+        {"method": {"lm": "tiny", "encoder": "tiny", "max_new_tokens": "4", "fields": "item"}})
+    metrics = run(cfg, data=toy)
+    n_items = len({kar.item_prompt(toy, i) for i in range(1, toy.spec.n_items)})
+    assert len(made[0].prompts) == n_items                                # item facts only, no user reasoning
+    assert np.isfinite(metrics["test"]["auc"]) and list(metrics["diagnostics"]["mean_gates"]) == ["item"]
+    ck = json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())
+    assert ck["knowledge_dims"] == [32] and ck["method_args"]["fields"] == "item"
+    from cocorec.serve.scorer import load_scorer
+
+    scorer = load_scorer(tmp_path / "run", data=toy)                      # rebuilt from the checkpoint alone
+    batch = toy.batch("test", np.arange(6))
+    assert scorer.method.user_vec.shape[0] == 0 and [tuple(o.shape) for o in scorer.method(batch)] == [(6, 32)]
+    probs = scorer.score_split("test")
+    np.testing.assert_allclose(probs, np.concatenate(
+        [scorer.score_batch(b) for b in toy.batches("test", 8192)]))
+    with pytest.raises(ValueError, match="fields"):
+        KarMethod(lm="tiny", encoder="tiny", fields="users")
+    with pytest.raises(ValueError, match="fields"):
+        KarMethod(lm="tiny", encoder="tiny", fields="")
