@@ -316,3 +316,14 @@ def test_item_field_only_skips_user_generation_and_round_trips(toy, tmp_path, mo
         KarMethod(lm="tiny", encoder="tiny", fields="users")
     with pytest.raises(ValueError, match="fields"):
         KarMethod(lm="tiny", encoder="tiny", fields="")
+
+
+def test_kar_item_is_kar_with_the_item_field_fixed():
+    from cocorec.config import ConfigError
+
+    m = build_method("kar-item", lm="tiny", encoder="tiny")
+    assert isinstance(m, KarMethod) and m.name == "kar-item" and m.fields == ("item",) and m.knowledge_dims == [32]
+    assert RunConfig(method="kar-item").with_overrides({"method": {"hidden": "64,16"}}).method_args == {
+        "hidden": (64, 16)}
+    with pytest.raises(ConfigError):
+        RunConfig(method="kar-item").with_overrides({"method": {"fields": "user"}})   # fixed by the variant

@@ -513,10 +513,14 @@ def run_grid(grid: Grid, out_dir: str | None = None, results: str | None = None,
     if dry_run:
         log(format_plan(plans))
         secs, n_est, unknown = estimate_todo(plans, results)
-        if n_est or unknown:
-            log(f"todo: ~{secs / 3600:.1f} h for {n_est} run(s), by the mean wall time of finished runs of the "
-                f"same dataset and method (and backbone where there is one; other machines count too)"
-                + (f"; nothing to estimate from for: {', '.join(unknown)}" if unknown else ""))
+        parts = []
+        if n_est:
+            parts.append(f"~{secs / 3600:.1f} h for {n_est} run(s), by the mean wall time of finished runs of the "
+                         f"same dataset and method (and backbone where there is one; other machines count too)")
+        if unknown:
+            parts.append(f"nothing to estimate from for: {', '.join(unknown)}")
+        if parts:
+            log("todo: " + "; ".join(parts))
         log(f"{summary.line()}  (results: {results})")
         return summary
     if runner is None:

@@ -37,7 +37,7 @@ import numpy as np
 from cocorec.eval.metrics import rela_impr
 
 BACKBONE_ORDER = ["din", "dien", "dcnv2", "deepfm", "autoint", "xdeepfm"]
-METHOD_ORDER = ["base", "static", "kar", "r4ec", "coco", "coco-novq", "coco-nojudge"]
+METHOD_ORDER = ["base", "static", "kar", "kar-item", "r4ec", "coco", "coco-novq", "coco-nojudge"]
 GROUP_METHODS = ["base", "kar", "coco"]
 PREFERRED_GROUPING = "gender x age_group"
 DASH = "—"

@@ -54,7 +54,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import time
@@ -72,7 +71,7 @@ from cocorec.coco.kvcache import BASE, UserTextKVCache
 from cocorec.coco.lora import add_lora, fingerprint
 from cocorec.coco.readout import CrossAttentionReadout
 from cocorec.eval.metrics import auc as auc_score
-from cocorec.knowledge.base import KnowledgeMethod, register_method
+from cocorec.knowledge.base import KnowledgeMethod, register_method, register_variant
 from cocorec.utils.io import cache_root
 
 __all__ = ["CoCo"]
@@ -642,19 +641,7 @@ class CoCo(KnowledgeMethod):
 
 
 def _variant(name: str, doc: str, **fixed: Any) -> type[CoCo]:
-    """A registered CoCo variant with some keys fixed (removed from its config keys)."""
-    sig = inspect.signature(CoCo.__init__)
-    params = [p for n, p in sig.parameters.items() if n not in fixed]
-
-    def __init__(self: CoCo, **kw: Any) -> None:
-        CoCo.__init__(self, **{**kw, **fixed})
-
-    __init__.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-    __init__.__annotations__ = {k: v for k, v in CoCo.__init__.__annotations__.items() if k not in fixed}
-    cls = type(f"CoCo_{name.replace('-', '_')}", (CoCo,), {"__init__": __init__, "name": name, "__doc__": doc,
-                                                          "__module__": __name__})
-    register_method(name)(cls)
-    return cls  # type: ignore[return-value]
+    return register_variant(CoCo, name, doc, **fixed)
 
 
 CoCoNoVQ = _variant("coco-novq", "CoCo with a random fixed code per user (no query, no VQ).", vq=False)

@@ -112,6 +112,28 @@ def register_method(name: str) -> Callable[[Callable[..., KnowledgeMethod]], Cal
     return deco
 
 
+def register_variant(base: type, name: str, doc: str, **fixed: Any) -> type:
+    """Register ``base`` under ``name`` with some constructor arguments fixed (no longer config keys).
+
+    The variant is its own method in grids and reports (``coco-novq``, ``kar-item``); setting a fixed
+    key on it is a config error, like any unknown key.
+    """
+    import inspect
+
+    sig = inspect.signature(base.__init__)
+    params = [p for n, p in sig.parameters.items() if n not in fixed]
+
+    def __init__(self: Any, **kw: Any) -> None:
+        base.__init__(self, **{**kw, **fixed})
+
+    __init__.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    __init__.__annotations__ = {k: v for k, v in base.__init__.__annotations__.items() if k not in fixed}
+    cls = type(f"{base.__name__}_{name.replace('-', '_')}", (base,),
+               {"__init__": __init__, "name": name, "__doc__": doc, "__module__": base.__module__})
+    register_method(name)(cls)
+    return cls
+
+
 def build_method(name: str, **kwargs: Any) -> KnowledgeMethod:
     import_methods()
     if name not in METHODS:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from cocorec.knowledge import prompts as P
-from cocorec.knowledge.base import KnowledgeMethod, register_method
+from cocorec.knowledge.base import KnowledgeMethod, register_method, register_variant
 from cocorec.knowledge.hea import HybridExpertAdaptor
 from cocorec.utils.io import atomic_write_json, cache_root, key_of
 
@@ -466,6 +466,10 @@ class R4ecMethod(KarMethod):
 
     def _user_vectors(self, store: KnowledgeStore, data: Any, users: Sequence[int]) -> np.ndarray:
         return store.user_vectors(data, users, "r4ec", self.cfg["rounds"])
+
+
+KarItem = register_variant(KarMethod, "kar-item", "KAR with the item knowledge field only (``kar`` with "
+                           "``fields=item``): no user reasoning is generated or used.", fields="item")
 
 
 def parse_fields(fields: str | Sequence[str]) -> tuple[str, ...]:
