@@ -23,7 +23,7 @@ def test_results_tables_print_every_method(capsys) -> None:
 
 
 def test_full_grid_results_keep_only_the_grids_runs_latest_first(tmp_path: Path) -> None:
-    mod = runpy.run_path(str(REPO / "docs" / "results" / "full.py"))
+    mod = runpy.run_path(str(REPO / "docs" / "results" / "collect.py"))
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text('{"run_key": "k1", "v": 1}\n{"run_key": "other", "v": 2}\n{"run_key": "k2", "v": 3}\n')
     b.write_text('{"run_key": "k1", "v": 4}\nnot json\n')
