@@ -89,11 +89,18 @@ def test_grid_method_overrides_and_errors(tmp_path: Path) -> None:
 def test_shipped_grids_load() -> None:
     from cocorec.bench.demo import QUICK_GRID, demo_grid
 
-    grids = {n: load_grid(REPO / "bench" / f"{n}.yaml") for n in ("quick", "full", "ci", "ml100k-din-dcnv2")}
+    from cocorec.bench.grid import available_methods
+
+    grids = {n: load_grid(REPO / "bench" / f"{n}.yaml")
+             for n in ("quick", "full", "ci", "ml100k-din-dcnv2", "ml100k-kar-fields")}
     assert len(expand_grid(grids["ml100k-din-dcnv2"], out_dir="x")) == 42
     full = grids["full"]
     assert full.datasets == ["ml-100k", "ml-1m-3k"] and full.seeds == [0, 1, 2] and len(full.backbones) == 6
-    assert set(full.methods) == {"base", "kar", "r4ec", "static", "coco", "coco-novq", "coco-nojudge"}
+    assert set(full.methods) == available_methods()[0]                   # every registered method
+    # the kar-fields grid shares its base and kar runs with the full grid (same run keys)
+    fk = {(p.backbone, p.method, p.seed): p.key for p in expand_grid(full, out_dir="x") if p.dataset == "ml-100k"}
+    for p in expand_grid(grids["ml100k-kar-fields"], out_dir="y"):
+        assert fk[(p.backbone, p.method, p.seed)] == p.key
     ci = grids["ci"]
     assert ci.methods == ["base"] and ci.overrides["train"]["epochs"] == "1"
     quick = grids["quick"]
