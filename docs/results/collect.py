@@ -45,9 +45,8 @@ def main(argv: list[str]) -> None:
         raise SystemExit(__doc__)
     grid_path, out, *sources = argv
     grid_path, sources = str(Path(grid_path).resolve()), [Path(p).resolve() for p in sources]
-    out = str(Path(out).resolve())
-    os.chdir(REPO)  # paths in the report are relative to the repository
     out_dir = Path(os.path.relpath(Path(out).resolve(), REPO))
+    os.chdir(REPO)  # paths in the report are relative to the repository
     grid = load_grid(grid_path)
     keys = {p.key for p in expand_grid(grid)}
     runs, dropped = collect([out_dir / "results.jsonl", *sources], keys)

@@ -232,8 +232,6 @@ def subset_grid(grid: Grid, datasets: Any = None, backbones: Any = None, methods
         >>> s.backbones, s.methods, s.seeds
         (['din', 'dcnv2'], ['base', 'kar'], [1])
     """
-    from dataclasses import replace
-
     def keep(have: list, wanted: list, what: str) -> list:
         unknown = [w for w in wanted if w not in have]
         if unknown:
@@ -241,7 +239,7 @@ def subset_grid(grid: Grid, datasets: Any = None, backbones: Any = None, methods
                             f"(it has {', '.join(map(str, have))})")
         return [h for h in have if h in wanted]
 
-    out = replace(grid)
+    out = _replace(grid)
     if datasets is not None:
         out.datasets = keep(grid.datasets, _str_list(datasets, "datasets"), "datasets")
     if backbones is not None:

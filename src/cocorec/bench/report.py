@@ -6,7 +6,8 @@ Per dataset:
 * the full table: test AUC, LogLoss, GAUC (mean ± sample std, ddof=1), seeds present (and the machine
   of each when runs come from several), RelaImpr over ``base`` of the same backbone (by mean AUC), the
   seed-paired differences to ``kar`` and to ``base`` with paired t-tests (``scipy.stats.ttest_rel``;
-  "n/a" with fewer than 2 pairs), test AUC with the knowledge zeroed, and cost (wall time, train time, peak memory, LM tokens when a method reports ``lm_tokens``);
+  "n/a" with fewer than 2 pairs), test AUC with the knowledge zeroed, and cost (wall time, train
+  time, peak memory, LM tokens when a method reports ``lm_tokens``);
 * the per-group table (``gender x age_group`` when present): base, kar and coco test AUC per group,
   and for every knowledge method the groups whose AUC drops below base;
 * scalar method diagnostics (codebook perplexity, contradiction rate, ...).
