@@ -12,7 +12,7 @@ For each LM shape (random weights from a config: no files, no network):
   suffix pass); when that module is not importable, the raw suffix step stands in (the output says so).
   "eff tok/s" counts the B x (T + L) tokens of knowledge the step produces (comparable to the
   bare forward); "new tok/s" counts the B x L positions actually computed. ratio = bare time / step time.
-* **cache build**: the one-off user-text pass that fills the KV cache (B x T tokens), raw and coco's.
+* **cache build**: the one-off user-text pass that fills the KV cache (B x T tokens, one pass), raw and coco's.
 * **train step** (``--train``): forward + backward into the soft prompt, full pass vs cached suffix
   (the LM is frozen; only the prompt gets gradients) - DESIGN section 7's measurement.
 * **generation** (KAR-style knowledge): greedy ``generate`` of N new tokens for B prompts of P tokens
@@ -204,7 +204,9 @@ def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, dtyp
         t_suf, t_build = t_rs, t_rb
     else:
         lm = LM(model, tiny_tokenizer(), identity=f"random:{shape}")
-        kvc = UserTextKVCache(lm, ids.cpu().tolist(), dtype=dtype, keep_hidden=True,
+        # batch_tokens = B x T: the build is one pass over the batch, like the raw build it is compared with
+        # (CoCo runs set it with method.kv_batch_tokens; its default 4096 bounds a CPU build's memory)
+        kvc = UserTextKVCache(lm, ids.cpu().tolist(), dtype=dtype, keep_hidden=True, batch_tokens=B * T,
                               storage="device" if device.type == "cuda" else "memory")
         users = list(range(B))
 

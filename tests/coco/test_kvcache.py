@@ -107,3 +107,25 @@ def test_base_entries_are_shared_across_runs(lm, tmp_path):
     assert second.ensure([0], version=("lora", 1.0)) == 1
     assert second.nbytes_allocated == 2 * second.nbytes
     assert UserTextKVCache.from_texts(lm, TEXTS, **kw).ensure([0, 1, 2]) == 0
+
+
+@pytest.mark.parametrize("storage,dtype", [("memory", "float32"), ("disk", "float32"), ("disk", "bf16")])
+def test_gather_returns_each_users_own_kv_and_zero_padding(lm, tmp_path, storage, dtype):
+    """The one-scatter build and one-gather read put every token where the LM's own cache has it."""
+    from cocorec.knowledge.lm import kv_from_cache
+
+    cache = UserTextKVCache.from_texts(lm, TEXTS, dtype=dtype, storage=storage, directory=tmp_path)
+    users = [2, 0, 3, 1]                          # not in offset order, lengths all different
+    cache.ensure(users)
+    layers, h_text, mask = cache.gather(users, dtype=torch.float32)
+    tol = dict(atol=0.05, rtol=0.02) if dtype == "bf16" else dict(atol=1e-5, rtol=1e-5)
+    assert mask.sum(1).tolist() == [int(cache.lengths[u]) for u in users]
+    for j, u in enumerate(users):
+        n = int(cache.lengths[u])
+        h_alone, c = lm.hidden_states(lm.embed_tokens(torch.tensor([cache.token_ids[u]])), return_cache=True)
+        for (k, v), (k_ref, v_ref) in zip(layers, kv_from_cache(c)):
+            assert_close(k[j, :, :n], k_ref[0], **tol)
+            assert_close(v[j, :, :n], v_ref[0], **tol)
+            assert k[j, :, n:].abs().sum() == 0 and v[j, :, n:].abs().sum() == 0
+        assert_close(h_text[j, :n], h_alone[0].detach(), **tol)
+        assert h_text[j, n:].abs().sum() == 0

@@ -124,23 +124,25 @@ class _Store:
     def nbytes(self) -> int:
         return self.n_tokens * self.width * torch.finfo(self.dtype).bits // 8
 
-    def write(self, start: int, values: torch.Tensor) -> None:
-        v = values.detach().to(self.dtype).reshape(values.shape[0], self.width)
+    def write_rows(self, rows: np.ndarray, values: torch.Tensor) -> None:
+        """``array[rows] = values`` in one scatter (``values``: [len(rows), ...], any dtype and device)."""
+        v = values.detach().to(self.dtype).reshape(len(rows), self.width)
         if self.storage == "disk":
             v = v.cpu()
-            self.array[start:start + len(v)] = (v.view(torch.uint16) if self.dtype == torch.bfloat16 else v).numpy()
+            self.array[rows] = (v.view(torch.uint16) if self.dtype == torch.bfloat16 else v).numpy()
         else:
-            self.array[start:start + len(v)] = v.to(self.array.device)
+            self.array[torch.from_numpy(rows).to(self.array.device)] = v.to(self.array.device)
 
     def flush(self) -> None:
         if self.storage == "disk":
             self.array.flush()
 
-    def read(self, start: int, stop: int) -> torch.Tensor:
+    def read_rows(self, rows: np.ndarray) -> torch.Tensor:
+        """``array[rows]`` in one gather (a copy; rows of any shape, the width appended)."""
         if self.storage == "disk":
-            t = torch.from_numpy(np.ascontiguousarray(self.array[start:stop]))
+            t = torch.from_numpy(np.asarray(self.array[rows]))
             return t.view(torch.bfloat16) if self.dtype == torch.bfloat16 else t
-        return self.array[start:stop]
+        return self.array[torch.from_numpy(rows).to(self.array.device)]
 
 
 class _Slot:
@@ -354,6 +356,10 @@ class UserTextKVCache:
             mask[j, :n] = 1
         return ids.to(self.lm.device), mask.to(self.lm.device)
 
+    def _rows(self, users: Sequence[int]) -> np.ndarray:
+        """The store rows of ``users``' tokens, user after user (the order of a row-major mask selection)."""
+        return np.concatenate([np.arange(self.offsets[u], self.offsets[u + 1]) for u in users])
+
     @torch.no_grad()
     def ensure(self, users: Sequence[int] | torch.Tensor | np.ndarray, version: Any = BASE) -> int:
         """Compute the cache of ``users`` that are missing or stale; returns how many were computed."""
@@ -375,14 +381,20 @@ class UserTextKVCache:
             i += n
             ids, mask = self._padded_ids(chunk)
             h, cache = self.lm.hidden_states(self.lm.embed_tokens(ids), mask, return_cache=True)
-            kv = kv_from_cache(cache)
-            for j, u in enumerate(chunk):
-                ln, a = int(self.lengths[u]), int(self.offsets[u])
-                # [layers, 2, kvh, len, hd] -> token-major [len, layers, 2, kvh, hd]
-                per_user = torch.stack([torch.stack([k[j, :, :ln], v[j, :, :ln]]) for k, v in kv])
-                slot.kv.write(a, per_user.permute(3, 0, 1, 2, 4))
-                if slot.hidden is not None:
-                    slot.hidden.write(a, h[j, :ln])
+            # every layer's [b, kvh, T, hd] keys and values -> token-major [b, T, layers, 2, kvh, hd]:
+            # one stack and one permuting copy, then one scatter of the real tokens into the ragged
+            # store (no per-user, per-layer small copies: those dominated a GPU build)
+            kv = torch.stack([t for k, v in kv_from_cache(cache) for t in (k, v)], 0)
+            b, t = ids.shape
+            kv = kv.view(self.n_layers, 2, b, self.n_kv_heads, t, self.head_dim).permute(2, 4, 0, 1, 3, 5)
+            kv = torch.empty(kv.shape, dtype=self.dtype, device=kv.device).copy_(kv).view(b * t, self.kv_width)
+            # the real tokens' positions in the [b * t] flattening, from the lengths (no device sync)
+            real = torch.from_numpy(np.concatenate([j * t + np.arange(self.lengths[u])
+                                                    for j, u in enumerate(chunk)])).to(kv.device)
+            rows = self._rows(chunk)
+            slot.kv.write_rows(rows, kv[real])
+            if slot.hidden is not None:
+                slot.hidden.write_rows(rows, h.reshape(b * t, -1)[real])
             slot.version[chunk] = vid
             if isinstance(slot, _SharedSlot):
                 slot.mark(chunk)
@@ -402,28 +414,30 @@ class UserTextKVCache:
 
         Fresh tensors every call (safe to hand to a cache that appends in place).
         """
-        users = [int(u) for u in (users.tolist() if torch.is_tensor(users) else users)]
+        users_np = np.asarray(users.cpu() if torch.is_tensor(users) else users, dtype=np.int64).reshape(-1)
         slot = self._slot(version)
         vid = self._version_id(version)
-        if any(slot.version[u] != vid for u in users):
+        if (slot.version[users_np] != vid).any():
             raise RuntimeError("gather() of users not built for this version; call ensure() first")
         dev = self.lm.device
         dtype = dtype or self.lm.dtype
-        width = int(max(self.lengths[u] for u in users))
-        m = len(users)
-        kv = torch.zeros((m, width, self.kv_width), dtype=self.dtype, device=dev)
-        hid = torch.zeros((m, width, self.hidden_size), dtype=self.dtype, device=dev) if slot.hidden is not None else None
-        mask = torch.zeros((m, width), dtype=torch.long, device=dev)
-        for j, u in enumerate(users):
-            a, b = int(self.offsets[u]), int(self.offsets[u + 1])
-            kv[j, : b - a] = slot.kv.read(a, b).to(dev, non_blocking=True)
-            if hid is not None:
-                hid[j, : b - a] = slot.hidden.read(a, b).to(dev, non_blocking=True)  # type: ignore[union-attr]
-            mask[j, : b - a] = 1
-        kv = kv.to(dtype).view(m, width, self.n_layers, 2, self.n_kv_heads, self.head_dim)
-        layers = [(kv[:, :, l, 0].transpose(1, 2).contiguous(), kv[:, :, l, 1].transpose(1, 2).contiguous())
-                  for l in range(self.n_layers)]
-        return layers, (hid.to(dtype) if hid is not None else None), mask
+        lengths = self.lengths[users_np]
+        m, width = len(users_np), int(lengths.max())
+        steps = np.arange(width)
+        real = steps[None, :] < lengths[:, None]                             # [m, width]
+        # padding reads the user's first row (then zeroed): one gather per store, no per-user copies
+        rows = self.offsets[users_np][:, None] + np.where(real, steps[None, :], 0)
+        real_t = torch.from_numpy(real).to(dev)
+        kv = slot.kv.read_rows(rows).to(dev, non_blocking=True).masked_fill_(~real_t[..., None], 0)
+        # [m, width, layers, 2, kvh, hd] -> [layers, 2, m, kvh, width, hd] and the LM's dtype in one copy;
+        # each layer's key and value are then contiguous views of one fresh tensor
+        kv = kv.view(m, width, self.n_layers, 2, self.n_kv_heads, self.head_dim).permute(2, 3, 0, 4, 1, 5)
+        kv = torch.empty(kv.shape, dtype=dtype, device=dev).copy_(kv)
+        layers = [(kv[l, 0], kv[l, 1]) for l in range(self.n_layers)]
+        hid = None
+        if slot.hidden is not None:
+            hid = slot.hidden.read_rows(rows).to(dev, non_blocking=True).masked_fill_(~real_t[..., None], 0).to(dtype)
+        return layers, hid, real_t.long()
 
     # ------------------------------------------------------------------ LM passes
     def suffix_hidden(self, users: Sequence[int] | torch.Tensor, suffix: torch.Tensor, version: Any = BASE
