@@ -1,6 +1,7 @@
 """Print the knowledge-comparison tables of README / docs/coco.md from the results lines in this folder.
 
-    .venv/bin/python docs/results/tables.py
+    .venv/bin/python docs/results/tables.py          # the DIN/DCNv2 headline and group tables
+    .venv/bin/python docs/results/tables.py --full   # README's "full grid so far" table (full/results.jsonl)
 
 ``ml100k-din-dcnv2.jsonl``: the runs of ``bench/ml100k-din-dcnv2.yaml`` (base/static/coco* mostly on
 an H100, kar/r4ec on the 2-core CPU; each line names its machine). ``ml100k-base-cpu.jsonl``: the
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cocorec.bench.grid import read_jsonl
 from cocorec.bench.report import latest_runs, mean_std, paired_ttest
 
 HERE = Path(__file__).resolve().parent
@@ -113,7 +115,47 @@ def group_tables(cells, margin: float = 0.001) -> None:
             print(f"- {name} {m} hurts {len(hurt)}/{len(groups)}" + (": " + ", ".join(hurt) if hurt else ""))
 
 
+FULL_METHODS = ("base", "static", "kar", "kar-item", "r4ec", "coco", "coco-novq", "coco-nojudge")
+FULL_BACKBONES = {"din": "DIN", "dien": "DIEN", "dcnv2": "DCNv2", "deepfm": "DeepFM", "autoint": "AutoInt",
+                  "xdeepfm": "xDeepFM"}
+
+
+def full_grid_table(path: Path = HERE / "full" / "results.jsonl") -> None:
+    """Test AUC mean ± std per dataset, backbone x method; a cell with fewer than 3 seeds names them.
+
+    A cell more than 0.004 below the same backbone's base (pooled test AUC) is bold.
+    """
+    runs, _ = latest_runs(read_jsonl(path))
+    cells: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
+    for r in runs:
+        cells[(r["dataset"], r["backbone"], r["method"])][r["seed"]] = r["metrics"]["test"]["auc"]
+    print(f"{len(runs)} runs")
+    for ds in sorted({k[0] for k in cells}, key=lambda d: (d != "ml-100k", d)):
+        print(f"\n| {ds} | " + " | ".join(FULL_METHODS) + " |")
+        print("|---|" + "---:|" * len(FULL_METHODS))
+        for b, name in FULL_BACKBONES.items():
+            base = mean_std(cells.get((ds, b, "base"), {}).values())["mean"]
+            row = []
+            for m in FULL_METHODS:
+                auc = dict(sorted(cells.get((ds, b, m), {}).items()))
+                if not auc:
+                    row.append("—")
+                    continue
+                text = fmt(auc.values())
+                if len(auc) < 3:
+                    text += f" (seed{'s' if len(auc) > 1 else ''} {','.join(map(str, auc))})"
+                if base is not None and m != "base" and mean_std(auc.values())["mean"] < base - 0.004:
+                    text = f"**{text}**"
+                row.append(text)
+            print(f"| {name} | " + " | ".join(row) + " |")
+
+
 if __name__ == "__main__":
+    import sys
+
+    if "--full" in sys.argv[1:]:
+        full_grid_table()
+        raise SystemExit(0)
     cells = load()
     main_table(cells)
     print()
