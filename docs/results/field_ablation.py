@@ -1,6 +1,7 @@
 """Which knowledge field moves the test metrics: trained kar/r4ec runs scored with a field zeroed.
 
     .venv/bin/python docs/results/field_ablation.py runs/bench/full/ml-100k > docs/results/field-ablation.md
+    .venv/bin/python docs/results/field_ablation.py runs/bench/full/ml-1m-3k > docs/results/field-ablation-ml-1m-3k.md
 
 Loads every ``*-kar-s*`` / ``*-r4ec-s*`` run under the given directory from its checkpoint alone
 (:func:`cocorec.serve.scorer.load_scorer`) and scores the test split four ways: both fields, the user
@@ -48,7 +49,7 @@ def main(root: str) -> None:
         if method in ("kar", "r4ec") and (d / "checkpoint" / "config.json").is_file():
             cells[(backbone, method)].append(ablate(d))
             print(f"scored {d}", file=sys.stderr, flush=True)
-    print(f"Test metrics of the trained kar/r4ec runs under `{root}` (ml-100k), scored with knowledge fields "
+    print(f"Test metrics of the trained kar/r4ec runs under `{root}` ({Path(root).name}), scored with knowledge fields "
           f"zeroed after training; mean over the seeds counted in each row. Made by "
           f"`docs/results/field_ablation.py`.\n")
     for metric in ("auc", "gauc"):
