@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cocorec.bench.grid import read_jsonl
-from cocorec.bench.report import latest_runs, mean_std, paired_ttest
+from cocorec.bench.report import BACKBONE_ORDER, METHOD_ORDER, aggregate, latest_runs, mean_std, paired_ttest
 
 HERE = Path(__file__).resolve().parent
 GROUPING = "gender x age_group"
@@ -115,39 +115,39 @@ def group_tables(cells, margin: float = 0.001) -> None:
             print(f"- {name} {m} hurts {len(hurt)}/{len(groups)}" + (": " + ", ".join(hurt) if hurt else ""))
 
 
-FULL_METHODS = ("base", "static", "kar", "kar-item", "r4ec", "coco", "coco-novq", "coco-nojudge")
 FULL_BACKBONES = {"din": "DIN", "dien": "DIEN", "dcnv2": "DCNv2", "deepfm": "DeepFM", "autoint": "AutoInt",
                   "xdeepfm": "xDeepFM"}
 
 
 def full_grid_table(path: Path = HERE / "full" / "results.jsonl") -> None:
-    """Test AUC mean ± std per dataset, backbone x method; a cell with fewer than 3 seeds names them.
+    """Test AUC mean ± std per dataset, backbone x method (the report's cells); under 3 seeds a cell names them.
 
     A cell more than 0.004 below the same backbone's base (pooled test AUC) is bold.
     """
-    runs, _ = latest_runs(read_jsonl(path))
-    cells: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
-    for r in runs:
-        cells[(r["dataset"], r["backbone"], r["method"])][r["seed"]] = r["metrics"]["test"]["auc"]
-    print(f"{len(runs)} runs")
-    for ds in sorted({k[0] for k in cells}, key=lambda d: (d != "ml-100k", d)):
-        print(f"\n| {ds} | " + " | ".join(FULL_METHODS) + " |")
-        print("|---|" + "---:|" * len(FULL_METHODS))
-        for b, name in FULL_BACKBONES.items():
-            base = mean_std(cells.get((ds, b, "base"), {}).values())["mean"]
-            row = []
-            for m in FULL_METHODS:
-                auc = dict(sorted(cells.get((ds, b, m), {}).items()))
-                if not auc:
-                    row.append("—")
+    records = read_jsonl(path)
+    print(f"{len(latest_runs(records)[0])} runs")
+    datasets = aggregate(records)
+    for ds in sorted(datasets, key=lambda d: (d != "ml-100k", d)):
+        cells = datasets[ds]["cells"]
+        print(f"\n| {ds} | " + " | ".join(METHOD_ORDER) + " |")
+        print("|---|" + "---:|" * len(METHOD_ORDER))
+        for b in BACKBONE_ORDER:
+            row = cells.get(b, {})
+            base = row["base"]["auc"]["mean"] if "base" in row else None
+            texts = []
+            for m in METHOD_ORDER:
+                c = row.get(m)
+                if c is None:
+                    texts.append("—")
                     continue
-                text = fmt(auc.values())
-                if len(auc) < 3:
-                    text += f" (seed{'s' if len(auc) > 1 else ''} {','.join(map(str, auc))})"
-                if base is not None and m != "base" and mean_std(auc.values())["mean"] < base - 0.004:
+                text = fmt(c["auc_by_seed"].values())
+                seeds = sorted(c["auc_by_seed"])
+                if len(seeds) < 3:
+                    text += f" (seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))})"
+                if base is not None and m != "base" and c["auc"]["mean"] < base - 0.004:
                     text = f"**{text}**"
-                row.append(text)
-            print(f"| {name} | " + " | ".join(row) + " |")
+                texts.append(text)
+            print(f"| {FULL_BACKBONES[b]} | " + " | ".join(texts) + " |")
 
 
 if __name__ == "__main__":
