@@ -454,6 +454,27 @@ def test_report_names_the_machine_of_each_cell_when_runs_are_mixed() -> None:
     assert "| machine |" not in one and "more than one machine" not in one
 
 
+def test_ablations_are_tested_against_coco_on_the_same_backbone() -> None:
+    auc = {("din", "coco"): [0.74, 0.75, 0.76], ("din", "coco-novq"): [0.73, 0.75, 0.74],
+           ("din", "coco-nojudge"): [0.75, 0.75, 0.77], ("din", "base"): [0.70, 0.71, 0.72],
+           ("deepfm", "coco-novq"): [0.72, 0.73, 0.74]}                      # no coco on deepfm: nothing to pair
+    recs = [rec(b, m, s, a) for (b, m), aucs in auc.items() for s, a in enumerate(aucs)]
+    cells = aggregate(recs)["ml-100k"]["cells"]
+    novq = cells["din"]["coco-novq"]["vs_coco"]
+    ref = stats.ttest_rel(auc["din", "coco-novq"], auc["din", "coco"])
+    assert novq["n_pairs"] == 3 and novq["mean_diff"] == pytest.approx(-0.01, abs=1e-12)
+    assert novq["p"] == pytest.approx(float(ref.pvalue), rel=1e-12)
+    assert cells["din"]["coco-nojudge"]["vs_coco"]["mean_diff"] == pytest.approx(0.02 / 3, abs=1e-12)
+    assert cells["din"]["coco"]["vs_coco"] is None and cells["din"]["base"]["vs_coco"] is None
+    assert cells["deepfm"]["coco-novq"]["vs_coco"] is None
+    text = render_report(recs)
+    assert "### CoCo ablations: Δ test AUC against coco" in text
+    assert "| backbone | coco-novq | coco-nojudge |" in text
+    assert f"| din | -0.0100 (p={ref.pvalue:.3f}, 3 pairs) |" in text
+    assert "| deepfm |" not in text.split("### CoCo ablations")[1].split("###")[0]     # no coco row to compare
+    assert "CoCo ablations" not in render_report([r for r in recs if r["method"] in ("base", "coco")])
+
+
 def test_dry_run_estimates_the_time_left_from_finished_runs(tmp_path: Path) -> None:
     from cocorec.bench.grid import estimate_todo
 

@@ -195,6 +195,10 @@ def aggregate(records: Iterable[Mapping[str, Any]], hurt_margin: float = 0.001) 
                                   if bm is not None and c["auc"]["mean"] is not None and bm != 0.5 else None)
                 c["vs_kar"] = paired_ttest(c["auc_by_seed"], kar["auc_by_seed"]) if kar and m != "kar" else None
                 c["vs_base"] = paired_ttest(c["auc_by_seed"], base["auc_by_seed"]) if base and m != "base" else None
+                # an ablation (coco-novq, coco-nojudge, ...) is judged against the full method, not the baselines
+                coco = cells[b].get("coco")
+                c["vs_coco"] = (paired_ttest(c["auc_by_seed"], coco["auc_by_seed"])
+                                if coco and m.startswith("coco-") else None)
                 c["group_delta"], c["hurts"] = {}, []
                 if base and m != "base":
                     for g, st in c["groups"].items():
@@ -418,6 +422,7 @@ def render_report(records: Iterable[Mapping[str, Any]], *, results_path: str | N
                   "that ran on the same machine where you can.", ""]
         if n_missing:
             L += [f"{n_missing} run(s) of this dataset are missing (see Failures below, or run the grid again).", ""]
+        L += _ablation_section(backbones, methods, cells)
         # per-group table
         grouping = a.get("grouping")
         if grouping:
@@ -455,6 +460,19 @@ def render_report(records: Iterable[Mapping[str, Any]], *, results_path: str | N
         for title, rel in plots.items():
             L += [f"### {title}", "", f"![{title}]({rel})", ""]
     return "\n".join(L).rstrip() + "\n"
+
+
+def _ablation_section(backbones: list[str], methods: list[str], cells: Mapping[str, Any]) -> list[str]:
+    """Each CoCo ablation (``coco-*``) against ``coco`` on the same backbone, seed-paired."""
+    ablations = [m for m in methods if m.startswith("coco-")]
+    rows = [[b] + [_paired(cells.get(b, {}).get(m, {}).get("vs_coco")) for m in ablations]
+            for b in backbones if "coco" in cells.get(b, {})]
+    if not ablations or not rows:
+        return []
+    return (["### CoCo ablations: Δ test AUC against coco", "",
+             "Mean seed-paired test-AUC difference of each ablation to `coco` on the same backbone, with a "
+             "two-sided paired t-test: a positive value means the part the ablation removes did not help.", ""]
+            + _table(["backbone"] + ablations, rows, "l" + "r" * len(ablations)) + [""])
 
 
 def _fmt_diag(v: Any) -> str:
