@@ -352,6 +352,9 @@ def render_report(records: Iterable[Mapping[str, Any]], *, results_path: str | N
     L.append(f"Generated {now} from `{results_path or 'results'}`: {len(records)} result lines, "
              f"{len(runs)} runs used" + (f" ({superseded} older lines superseded by a later line of the same run)"
                                           if superseded else "") + ".")
+    days = sorted({str(r["time"])[:10] for r in runs if r.get("time")})
+    if days:
+        L.append(f"Runs finished {'on ' + days[0] if len(days) == 1 else f'between {days[0]} and {days[-1]}'} (UTC).")
     if shas:
         L.append(f"Code version(s): {', '.join(f'`{s}`' for s in shas)}.")
     machines = sorted({machine_label(r["machine"]) for r in runs if r.get("machine")})
