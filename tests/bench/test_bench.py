@@ -467,15 +467,19 @@ def test_ablations_are_tested_against_coco_on_the_same_backbone() -> None:
     assert cells["din"]["coco-nojudge"]["vs_coco"]["mean_diff"] == pytest.approx(0.02 / 3, abs=1e-12)
     assert cells["din"]["coco"]["vs_coco"] is None and cells["din"]["base"]["vs_coco"] is None
     assert cells["deepfm"]["coco-novq"]["vs_coco"] is None
-    recs[-1]["time"] = "2025-01-03T10:00:00+00:00"
     text = render_report(recs)
-    assert "Runs finished between 2025-01-01 and 2025-01-03 (UTC)." in text
-    assert "Runs finished on 2025-01-01 (UTC)." in render_report(recs[:3])
     assert "### CoCo ablations: Δ test AUC against coco" in text
     assert "| backbone | coco-novq | coco-nojudge |" in text
     assert f"| din | -0.0100 (p={ref.pvalue:.3f}, 3 pairs) |" in text
     assert "| deepfm |" not in text.split("### CoCo ablations")[1].split("###")[0]     # no coco row to compare
     assert "CoCo ablations" not in render_report([r for r in recs if r["method"] in ("base", "coco")])
+
+
+def test_report_header_names_the_days_the_runs_finished() -> None:
+    recs = [rec("din", "base", s, 0.7) for s in range(3)]
+    assert "Runs finished on 2025-01-01 (UTC)." in render_report(recs)
+    recs[2]["time"] = "2025-01-03T10:00:00+00:00"
+    assert "Runs finished between 2025-01-01 and 2025-01-03 (UTC)." in render_report(recs)
 
 
 def test_dry_run_estimates_the_time_left_from_finished_runs(tmp_path: Path) -> None:
