@@ -354,7 +354,8 @@ def render_report(records: Iterable[Mapping[str, Any]], *, results_path: str | N
                                           if superseded else "") + ".")
     days = sorted({str(r["time"])[:10] for r in runs if r.get("time")})
     if days:
-        L.append(f"Runs finished {'on ' + days[0] if len(days) == 1 else f'between {days[0]} and {days[-1]}'} (UTC).")
+        when = f"on {days[0]}" if len(days) == 1 else f"between {days[0]} and {days[-1]}"
+        L.append(f"Runs finished {when} (UTC).")
     if shas:
         L.append(f"Code version(s): {', '.join(f'`{s}`' for s in shas)}.")
     machines = sorted({machine_label(r["machine"]) for r in runs if r.get("machine")})
