@@ -92,11 +92,14 @@ def test_shipped_grids_load() -> None:
     from cocorec.bench.grid import available_methods
 
     grids = {n: load_grid(REPO / "bench" / f"{n}.yaml")
-             for n in ("quick", "full", "ci", "ml100k-din-dcnv2", "ml100k-kar-fields")}
-    assert len(expand_grid(grids["ml100k-din-dcnv2"], out_dir="x")) == 42
+             for n in ("quick", "full", "ci", "ml100k-din-dcnv2", "ml100k-kar-fields", "controls")}
+    assert len(expand_grid(grids["ml100k-din-dcnv2"], out_dir="x")) == 126
     full = grids["full"]
     assert full.datasets == ["ml-100k", "ml-1m-3k"] and full.seeds == [0, 1, 2] and len(full.backbones) == 6
-    assert set(full.methods) == available_methods()[0]                   # every registered method
+    assert set(full.methods) == available_methods()[0] - {"field"}       # every method (field is a control)
+    controls = expand_grid(grids["controls"], out_dir="z")
+    assert len(controls) == 7 * 2 * 9 and {p.split_seed for p in controls} == {42, 43, 44}
+    assert {p.method for p in controls} >= {"field[source=oracle]", "kar[source=shuffled]", "kar"}
     # the kar-fields grid shares its base and kar runs with the full grid (same run keys)
     fk = {(p.backbone, p.method, p.seed): p.key for p in expand_grid(full, out_dir="x") if p.dataset == "ml-100k"}
     for p in expand_grid(grids["ml100k-kar-fields"], out_dir="y"):
@@ -109,7 +112,8 @@ def test_shipped_grids_load() -> None:
         q.datasets, q.backbones, q.methods, q.seeds, q.overrides)                 # demo == bench/quick.yaml
     assert demo_grid().methods == ["base", "kar", "coco"]
     for g in grids.values():
-        assert len(expand_grid(g)) == len(g.datasets) * len(g.backbones) * len(g.methods) * len(g.seeds)
+        assert len(expand_grid(g)) == (len(g.datasets) * len(g.backbones) * len(g.methods) * len(g.seeds)
+                                       * len(g.split_seeds or [0]))
 
 
 # ----------------------------------------------------------------------------- skip, resume, failures
@@ -446,7 +450,7 @@ def test_report_names_the_machine_of_each_cell_when_runs_are_mixed() -> None:
              "metrics": {"test": {"auc": 0.7, "logloss": 0.5, "gauc": 0.6}}}
             for m, s, mach in [("base", 0, cpu), ("base", 1, cpu), ("coco", 0, gpu), ("coco", 1, cpu)]]
     text = render_report(recs)
-    assert "| backbone | method | seeds | machine | test AUC |" in text
+    assert "| backbone | method | runs | machine | test AUC |" in text
     assert "| din | base | 2 | cpu | 0.7000 ± 0.0000 |" in text
     assert "| din | coco | 2 | H100 80GB HBM3 ×1, cpu ×1 |" in text
     assert "more than one machine" in text
@@ -498,3 +502,62 @@ def test_dry_run_estimates_the_time_left_from_finished_runs(tmp_path: Path) -> N
     run_grid(g, out_dir=str(tmp_path / "o"), results=str(results), dry_run=True, log=out.append)
     assert "~0.0 h for 4 run(s)" in out[-2] and "nothing to estimate from for: ml-100k kar" in out[-2]
     assert out[-1].startswith("8 runs: 8 todo")
+
+
+# ----------------------------------------------------------------------------- splits, variants, controls
+def test_split_seeds_and_method_entries_expand_into_their_own_runs(tmp_path: Path) -> None:
+    g = load_grid({
+        "backbones": ["din"], "methods": ["base", "kar[source=oracle]", "field[ source=template ]", "kar"],
+        "seeds": [0, 1], "split_seeds": [42, 43], "method_overrides": {"kar": {"method.standardize": True}}})
+    assert g.methods == ["base", "kar[source=oracle]", "field[source=template]", "kar"]
+    plans = expand_grid(g, out_dir=str(tmp_path / "runs"))
+    assert len(plans) == 4 * 2 * 2 and plans[0].label == "ml-100k din base split42 s0"
+    by = {(p.method, p.split_seed, p.seed): p for p in plans}
+    oracle = by[("kar[source=oracle]", 43, 1)].config
+    assert oracle.method == "kar" and oracle.method_args == {"source": "oracle", "standardize": True}
+    assert oracle.protocol.split_seed == 43 and "-p43-s1-" in by[("kar[source=oracle]", 43, 1)].output
+    assert by[("kar", 42, 0)].config.method_args == {"standardize": True}           # the pattern matches entries
+    assert len({p.key for p in plans}) == len(plans)
+    with pytest.raises(GridError, match="key=value"):
+        load_grid({"methods": ["kar[oracle]"]})
+    with pytest.raises(GridError, match="both set the split"):
+        load_grid({"split_seeds": [1], "overrides": {"protocol.split_seed": 3}})
+    with pytest.raises(GridError, match="unknown source"):                           # checked at expansion
+        expand_grid(load_grid({"methods": ["kar[source=gpt]"]}), out_dir=str(tmp_path / "x"))
+
+
+def _control_rec(method: str, split: int, seed: int, auc: float, perm: float | None = None, source: str = "lm",
+                 variant: str | None = None) -> dict:
+    r = rec("din", method, seed, auc, key=f"{variant or method}-{split}-{seed}", split_seed=split,
+            variant=variant or method)
+    r["config"] = {"method_config": {"source": source, "corrupt": 0.0}}
+    if perm is not None:
+        r["metrics"]["test_knowledge_permuted"] = {"auc": perm}
+        r["diagnostics"] = {"knowledge": {"between_user_variance_share": 0.9}}
+    return r
+
+
+def test_report_pairs_by_split_and_seed_and_shows_the_controls() -> None:
+    pairs = [(42, 0), (42, 1), (43, 0), (43, 1)]
+    base = [0.70, 0.71, 0.69, 0.72]
+    field = [b + d for b, d in zip(base, [0.020, 0.022, 0.018, 0.020])]
+    kar = [b + d for b, d in zip(base, [0.010, 0.012, 0.009, 0.009])]
+    recs = ([_control_rec("base", sp, s, a) for (sp, s), a in zip(pairs, base)]
+            + [_control_rec("field", sp, s, a, perm=a - 0.03, source="oracle", variant="field[source=oracle]")
+               for (sp, s), a in zip(pairs, field)]
+            + [_control_rec("kar", sp, s, a, perm=a - 0.01, source="oracle", variant="kar[source=oracle]")
+               for (sp, s), a in zip(pairs, kar)])
+    a = aggregate(recs)["ml-100k"]
+    assert a["methods"] == ["base", "field[source=oracle]", "kar[source=oracle]"] and a["splits"] == [42, 43]
+    c = a["cells"]["din"]["kar[source=oracle]"]
+    assert sorted(c["auc_by_pair"]) == pairs and c["vs_base"]["n_pairs"] == 4
+    ref = stats.ttest_rel(kar, base)
+    assert c["vs_base"]["mean_diff"] == pytest.approx(0.01, abs=1e-12)
+    assert c["vs_base"]["p"] == pytest.approx(float(ref.pvalue), rel=1e-9)
+    assert c["knowledge_permuted_vs_own"]["mean_diff"] == pytest.approx(-0.01, abs=1e-12)
+    text = render_report(recs)
+    assert "User splits (split seeds): 42, 43; seeds: 0, 1: 4 runs per cell" in text
+    controls = text.split("### Controls")[1].split("\n### ")[0]
+    assert "| din | kar[source=oracle] (leak) | oracle | 4 |" in controls
+    assert "| 50% | 0.900 |" in controls                                   # 0.010 of field's 0.020
+    assert "Controls" not in render_report([r for r in recs if r["variant"] == "base"])

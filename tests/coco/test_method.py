@@ -23,7 +23,7 @@ TRAIN = TrainConfig(epochs=1, batch_size=64, eval_batch_size=512, threads=1, pat
 
 def _setup(data, method="coco", seed=0, prepare=True, **kw):
     torch.manual_seed(seed)
-    m = build_method(method, **{**SMALL, **kw})
+    m = build_method(method, seed=seed, **{**SMALL, **kw})
     model = build_model("din", data.spec, knowledge_dims=m.knowledge_dims, hidden_units=(32, 16))
     tr = Trainer(model, m, data, TRAIN, quiet=True)
     if prepare:
@@ -179,3 +179,37 @@ def test_phase_rebuilds_text_caches_once_after_the_phase(toy_data, scope):
         assert m.lm_version() == "base" and m.kv.users_built == built
     _step(tr, m, model, batch, step=5)
     assert m.timing["bank_refreshes"] == refreshes + 1
+
+
+def _draws(m):
+    """What a CoCo run draws: prompt init, LoRA init, the fixed codes, and its next random numbers."""
+    return [m.codebook.prompts.detach().clone(), *[p.detach().clone() for p in m.lora_parameters],
+            m._fixed_codes.clone(), torch.rand(8, generator=m._gen)]
+
+
+def test_the_run_seed_drives_every_coco_draw(toy_data):
+    from cocorec.config import ConfigError, check_kwargs
+    from cocorec.knowledge.base import METHODS
+
+    a, b, c = (_draws(_setup(toy_data, seed=s)[1]) for s in (0, 0, 1))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(not torch.equal(x, z) for x, z in zip(a, c) if x.float().std() > 0)
+    with pytest.raises(ConfigError, match="unknown key 'seed'"):   # one seed: the run's, never a method key
+        check_kwargs(METHODS["coco"], {"seed": "1"}, "method coco")
+
+
+def test_same_seed_same_coco_run_and_the_judge_sees_corrupted_users(toy_data, tmp_path):
+    def go(seed, name):
+        cfg = RunConfig(dataset="toy", backbone="din", method="coco", seed=seed, output=str(tmp_path / name),
+                        results=None, train=TrainConfig(**{**TRAIN.__dict__, "epochs": 1}),
+                        model={"hidden_units": (32, 16)}, quiet=True,
+                        method_args={**SMALL, "source": "template", "corrupt": 0.5, "warmup_steps": 1})
+        return run(cfg, data=toy_data)
+
+    a, b, c = go(0, "a"), go(0, "b"), go(1, "c")
+    assert a["test"] == b["test"] and a["test"]["auc"] != c["test"]["auc"]
+    judge = a["diagnostics"]["judge"]
+    assert judge["source"] == "template+corrupt0.5" and judge["users_judged"] > 0
+    assert 0.0 <= judge["corrupt_user_auroc"] <= 1.0 and set(judge["by_group"]) == {"corrupted", "clean"}
+    assert 0.0 <= judge["helps_rate"] <= 1.0 and "p50" in judge["per_user_contradiction_rate"]
+    assert set(a["groups"]["test"]["corrupt"]) <= {"corrupted", "clean"}

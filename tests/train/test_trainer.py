@@ -21,8 +21,8 @@ FAST = TrainConfig(epochs=2, batch_size=512, max_steps_per_epoch=15, threads=2)
 def _trainer(data, out=None, seed=0, epochs=2, backbone="deepfm"):
     torch.manual_seed(seed)
     model = build_model(backbone, data.spec)
-    cfg = TrainConfig(**{**FAST.__dict__, "seed": seed, "epochs": epochs})
-    return Trainer(model, build_method("base"), data, cfg, output_dir=out, quiet=True, run_key="k")
+    cfg = TrainConfig(**{**FAST.__dict__, "epochs": epochs})
+    return Trainer(model, build_method("base"), data, cfg, output_dir=out, quiet=True, run_key="k", seed=seed)
 
 
 def test_fixed_seed_gives_identical_metrics(ml100k):

@@ -34,7 +34,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="run only every N-th run starting at I (0-based), e.g. 4 processes: 0/4 .. 3/4 "
                         "sharing one results file; run once more without --shard for the report")
     for what, example in (("datasets", "ml-100k"), ("backbones", "din,deepfm"), ("methods", "base,kar,r4ec"),
-                           ("seeds", "0,1")):
+                           ("seeds", "0,1"), ("splits", "42,43")):
         p.add_argument(f"--{what}", default=None, metavar="A,B",
                        help=f"run only these {what} of the grid (e.g. {example}); same run directories and "
                             f"results file, and the report still lists the rest of the grid as missing")
@@ -62,7 +62,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.data_dir:
         grid.data_dir = args.data_dir
     todo = subset_grid(grid, datasets=args.datasets, backbones=args.backbones, methods=args.methods,
-                       seeds=args.seeds)
+                       seeds=args.seeds, split_seeds=args.splits)
     out_dir = args.out_dir or default_out_dir(grid)
     results = args.results or default_results(grid, out_dir)
     try:

@@ -5,8 +5,9 @@ A grid file (YAML)::
     name: quick                       # optional; default: the file's stem
     datasets: [ml-100k]
     backbones: [din]
-    methods: [base, kar, coco]
+    methods: [base, kar, coco]        # an entry may carry method settings: kar[source=oracle]
     seeds: [0]
+    split_seeds: [42, 43, 44]         # optional: user splits (protocol.split_seed) as a grid axis
     overrides:                        # every run; `section.key: value` or nested `section: {key: value}`
       train.epochs: 2
       train.max_steps_per_epoch: 30
@@ -18,11 +19,17 @@ A grid file (YAML)::
     out_dir: runs/bench/quick         # optional: run directories; default runs/bench/<name>
     results: null                     # optional: results JSONL; default <out_dir>/results.jsonl
 
-Precedence: ``overrides`` < ``backbone_overrides`` < ``method_overrides``. Every key is checked
+A method entry ``NAME[key=value,...]`` is the method ``NAME`` with those ``method.*`` settings: its
+own cell in reports (``kar[source=oracle]`` beside ``kar``), labelled by the entry. In YAML write such
+entries as a block list (``- kar[source=oracle]``) or quote them. Runs are paired across methods by
+(split seed, seed): every split x seed is one pair in the report's paired tests.
+
+Precedence: ``overrides`` < ``backbone_overrides`` < ``method_overrides`` < an entry's own settings.
+``method_overrides`` patterns match an entry's label or its method name. Every key is checked
 (unknown keys and wrong types are errors before anything runs). ``method.*`` keys belong under
 ``method_overrides`` because each method has its own arguments.
 
-Each run gets ``<out_dir>/<dataset>/<backbone>-<method>-s<seed>-<key8>/`` (key8: the first 8 hex digits
+Each run gets ``<out_dir>/<dataset>/<backbone>-<method>[-p<split>]-s<seed>-<key8>/`` (key8: the first 8 hex digits
 of its run key, so a changed configuration never resumes into an old directory). A run is *cached*
 (skipped) when the results file has a line with its run key **and** a ``metrics.json`` with that run key
 exists in its output directory. Everything else runs; an interrupted run resumes from its ``last/``.
@@ -54,8 +61,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 from cocorec.config import ConfigError
 
-GRID_KEYS = {"name", "description", "datasets", "backbones", "methods", "seeds", "overrides",
+GRID_KEYS = {"name", "description", "datasets", "backbones", "methods", "seeds", "split_seeds", "overrides",
              "backbone_overrides", "method_overrides", "data_dir", "out_dir", "results"}
+_ENTRY = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*(?:\[(.*)\])?\s*$")
 SECTIONS = ("train", "protocol", "model", "method")
 
 
@@ -73,6 +81,7 @@ class Grid:
     backbones: list[str] = field(default_factory=lambda: ["din"])
     methods: list[str] = field(default_factory=lambda: ["base"])
     seeds: list[int] = field(default_factory=lambda: [0])
+    split_seeds: list[int] | None = None    # None: the protocol's split seed (not an axis)
     overrides: Sections = field(default_factory=dict)
     backbone_overrides: dict[str, Sections] = field(default_factory=dict)
     method_overrides: dict[str, Sections] = field(default_factory=dict)
@@ -88,17 +97,19 @@ class PlannedRun:
 
     dataset: str
     backbone: str
-    method: str
+    method: str                 # the grid entry: a method name, or NAME[key=value,...]
     seed: int
     output: str
     key: str
     config: Any = None          # RunConfig
     error: str | None = None    # e.g. "method 'coco' is not available"
     status: str = "todo"        # todo | cached | unavailable (after plan_status) | done | failed (after run)
+    split_seed: int | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.dataset} {self.backbone} {self.method} s{self.seed}"
+        split = f" split{self.split_seed}" if self.split_seed is not None else ""
+        return f"{self.dataset} {self.backbone} {self.method}{split} s{self.seed}"
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -155,9 +166,9 @@ def _str_list(v: Any, where: str) -> list[str]:
     return list(dict.fromkeys(x.strip() for x in v))
 
 
-def _seed_list(v: Any) -> list[int]:
+def _int_list(v: Any, what: str) -> list[int]:
     if isinstance(v, bool):
-        raise GridError(f"seeds: expected integers, got {v!r}")
+        raise GridError(f"{what}: expected integers, got {v!r}")
     if isinstance(v, int):
         return [v]
     if isinstance(v, str):
@@ -166,11 +177,62 @@ def _seed_list(v: Any) -> list[int]:
             return list(range(int(m.group(1)), int(m.group(2)) + 1))
         v = [x for x in v.split(",") if x.strip()]
     if not isinstance(v, list) or not v:
-        raise GridError(f"seeds: expected a list of integers, got {v!r}")
+        raise GridError(f"{what}: expected a list of integers, got {v!r}")
     try:
         return list(dict.fromkeys(int(x) for x in v if not isinstance(x, bool)))
     except (TypeError, ValueError):
-        raise GridError(f"seeds: expected a list of integers, got {v!r}") from None
+        raise GridError(f"{what}: expected a list of integers, got {v!r}") from None
+
+
+def parse_method_entry(entry: str) -> tuple[str, dict[str, str]]:
+    """``"kar[source=oracle, corrupt=0.3]"`` -> ``("kar", {"source": "oracle", "corrupt": "0.3"})``.
+
+    Example:
+        >>> parse_method_entry("coco[corrupt=0.3,source=oracle]")
+        ('coco', {'corrupt': '0.3', 'source': 'oracle'})
+        >>> parse_method_entry("base")
+        ('base', {})
+    """
+    m = _ENTRY.match(entry)
+    if not m:
+        raise GridError(f"methods: {entry!r} must look like NAME or NAME[key=value,...]")
+    settings: dict[str, str] = {}
+    for part in (m.group(2) or "").split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise GridError(f"methods: {entry!r}: {part.strip()!r} must look like key=value")
+        k, v = part.split("=", 1)
+        settings[k.strip()] = v.strip()
+    if m.group(2) is not None and not settings:
+        raise GridError(f"methods: {entry!r} has empty brackets")
+    return m.group(1).lower(), settings
+
+
+def _canonical_entry(entry: str) -> str:
+    """A method entry with a lower-case name, sorted settings and values spelled as in a run's method
+    label (:func:`cocorec.knowledge.base.format_setting`): one spelling per cell."""
+    from cocorec.knowledge.base import format_setting
+
+    name, settings = parse_method_entry(entry)
+    inner = ",".join(f"{k}={format_setting(v)}" for k, v in sorted(settings.items()))
+    return f"{name}[{inner}]" if inner else name
+
+
+def _split_entries(v: Any) -> list[str]:
+    """A comma list of method entries, where commas inside brackets belong to the entry."""
+    if not isinstance(v, str):
+        return _str_list(v, "methods")
+    out, depth, cur = [], 0, ""
+    for ch in v:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur)
+    return _str_list([x.strip() for x in out if x.strip()], "methods")
 
 
 def load_grid(source: str | Path | Mapping[str, Any], name: str | None = None) -> Grid:
@@ -196,14 +258,20 @@ def load_grid(source: str | Path | Mapping[str, Any], name: str | None = None) -
         raise GridError(f"unknown grid key(s) {sorted(unknown)} (allowed: {', '.join(sorted(GRID_KEYS))})")
     g = Grid(name=str(raw.get("name") or default_name))
     g.description = str(raw.get("description") or "")
-    for k in ("datasets", "backbones", "methods"):
+    for k in ("datasets", "backbones"):
         if k in raw:
             setattr(g, k, _str_list(raw[k], k))
+    if "methods" in raw:
+        g.methods = _split_entries(raw["methods"])
     g.backbones = [b.lower() for b in g.backbones]
-    g.methods = [m.lower() for m in g.methods]
+    g.methods = list(dict.fromkeys(_canonical_entry(m) for m in g.methods))
     if "seeds" in raw:
-        g.seeds = _seed_list(raw["seeds"])
+        g.seeds = _int_list(raw["seeds"], "seeds")
+    if raw.get("split_seeds") is not None:
+        g.split_seeds = _int_list(raw["split_seeds"], "split_seeds")
     g.overrides = parse_overrides(raw.get("overrides"), "overrides")
+    if g.split_seeds is not None and "split_seed" in g.overrides.get("protocol", {}):
+        raise GridError("split_seeds and overrides' protocol.split_seed both set the split: keep one")
     if "method" in g.overrides:
         raise GridError("overrides: method.* settings differ per method; put them under method_overrides "
                         "(e.g. method_overrides: {coco: {method.codebook_size: 8}})")
@@ -219,25 +287,32 @@ def load_grid(source: str | Path | Mapping[str, Any], name: str | None = None) -
 
 
 def subset_grid(grid: Grid, datasets: Any = None, backbones: Any = None, methods: Any = None,
-                seeds: Any = None) -> Grid:
+                seeds: Any = None, split_seeds: Any = None) -> Grid:
     """A copy of ``grid`` keeping only the named datasets/backbones/methods/seeds (None keeps all).
 
     Run keys depend on the configuration only, so a subset writes into the same run directories and
     results file as the whole grid: run the cheap methods now and the rest later (or elsewhere), and the
     report of the whole grid lists what is still missing. A name the grid does not have is an error.
 
+    A method name keeps every entry of that method (``kar`` keeps ``kar[source=oracle]`` too); an
+    entry with settings keeps that entry only.
+
     Example:
-        >>> g = load_grid({"backbones": ["din", "dcnv2"], "methods": ["base", "kar", "coco"], "seeds": [0, 1]})
+        >>> g = load_grid({"backbones": ["din", "dcnv2"], "methods": ["base", "kar", "kar[source=oracle]", "coco"],
+        ...                "seeds": [0, 1]})
         >>> s = subset_grid(g, methods="base,kar", seeds="1")
         >>> s.backbones, s.methods, s.seeds
-        (['din', 'dcnv2'], ['base', 'kar'], [1])
+        (['din', 'dcnv2'], ['base', 'kar', 'kar[source=oracle]'], [1])
     """
-    def keep(have: list, wanted: list, what: str) -> list:
-        unknown = [w for w in wanted if w not in have]
+    def keep(have: list, wanted: list, what: str, match: Callable[[Any, Any], bool] = lambda h, w: h == w) -> list:
+        unknown = [w for w in wanted if not any(match(h, w) for h in have)]
         if unknown:
             raise GridError(f"--{what}: {', '.join(map(str, unknown))} not in the grid "
                             f"(it has {', '.join(map(str, have))})")
-        return [h for h in have if h in wanted]
+        return [h for h in have if any(match(h, w) for w in wanted)]
+
+    def same_method(entry: str, wanted: str) -> bool:
+        return entry == wanted or ("[" not in wanted and parse_method_entry(entry)[0] == wanted)
 
     out = _replace(grid)
     if datasets is not None:
@@ -245,15 +320,24 @@ def subset_grid(grid: Grid, datasets: Any = None, backbones: Any = None, methods
     if backbones is not None:
         out.backbones = keep(grid.backbones, [b.lower() for b in _str_list(backbones, "backbones")], "backbones")
     if methods is not None:
-        out.methods = keep(grid.methods, [m.lower() for m in _str_list(methods, "methods")], "methods")
+        out.methods = keep(grid.methods, [_canonical_entry(m) for m in _split_entries(methods)], "methods",
+                           same_method)
     if seeds is not None:
-        out.seeds = keep(grid.seeds, _seed_list(seeds), "seeds")
+        out.seeds = keep(grid.seeds, _int_list(seeds, "seeds"), "seeds")
+    if split_seeds is not None:
+        if grid.split_seeds is None:
+            raise GridError("--splits: this grid has no split_seeds axis")
+        out.split_seeds = keep(grid.split_seeds, _int_list(split_seeds, "splits"), "splits")
     # overrides for backbones/methods no longer in the subset would fail expand_grid's "matches nothing" check
     out.backbone_overrides = {p: ov for p, ov in grid.backbone_overrides.items()
                               if any(_matches(p, b) for b in out.backbones)}
     out.method_overrides = {p: ov for p, ov in grid.method_overrides.items()
-                            if any(_matches(p, m) for m in out.methods)}
+                            if any(_entry_matches(p, m) for m in out.methods)}
     return out
+
+
+def _entry_matches(pattern: str, entry: str) -> bool:
+    return _matches(pattern, entry) or _matches(pattern, parse_method_entry(entry)[0])
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -296,7 +380,8 @@ def default_results(grid: Grid, out_dir: str | None = None) -> str:
 
 def expand_grid(grid: Grid, out_dir: str | None = None, results: str | None = None,
                 quiet: bool = False) -> list[PlannedRun]:
-    """The grid's runs in execution order (dataset, seed, backbone, method): first seed of every cell first.
+    """The grid's runs in execution order (dataset, split, seed, backbone, method): the first split and
+    seed of every cell first.
 
     Raises ConfigError for a bad override of an available method/backbone; an unregistered method
     becomes a PlannedRun with ``error`` set (reported, never fatal).
@@ -314,35 +399,47 @@ def expand_grid(grid: Grid, out_dir: str | None = None, results: str | None = No
         if not any(_matches(pat, b) for b in grid.backbones):
             raise GridError(f"backbone_overrides: {pat!r} matches no backbone of the grid")
     for pat in list(grid.method_overrides):
-        if not any(_matches(pat, m) for m in grid.methods):
+        if not any(_entry_matches(pat, m) for m in grid.methods):
             raise GridError(f"method_overrides: {pat!r} matches no method of the grid")
     plans: list[PlannedRun] = []
     for dataset in grid.datasets:
-        for seed in grid.seeds:
-            for backbone in grid.backbones:
-                for method in grid.methods:
-                    sections = _merge(grid.overrides,
-                                      *[ov for pat, ov in grid.backbone_overrides.items() if _matches(pat, backbone)],
-                                      *[ov for pat, ov in grid.method_overrides.items() if _matches(pat, method)])
-                    base_cfg = RunConfig(dataset=dataset, backbone=backbone, method=method, seed=seed,
-                                         data_dir=grid.data_dir, results=results, quiet=quiet)
-                    error = None
-                    if method not in registered:
-                        error = f"method {method!r} is not available (registered: {', '.join(sorted(registered))})"
-                        if import_err:
-                            error += f"; a method module failed to import: {import_err}"
-                        sections = {k: v for k, v in sections.items() if k != "method"}
-                    try:
-                        cfg = base_cfg.with_overrides(sections)
-                    except ConfigError as e:
-                        raise GridError(f"{dataset} {backbone} {method}: {e}") from None
-                    key = cfg.key()
-                    output = out_root / _slug(dataset) / f"{backbone}-{_slug(method)}-s{seed}-{key[:8]}"
-                    cfg = _replace(cfg, output=str(output))
-                    plans.append(PlannedRun(dataset, backbone, method, seed, str(output), key,
-                                            config=None if error else cfg, error=error,
-                                            status="unavailable" if error else "todo"))
+        for split in (grid.split_seeds or [None]):
+            for seed in grid.seeds:
+                for backbone in grid.backbones:
+                    for entry in grid.methods:
+                        plans.append(_plan(grid, RunConfig, dataset, split, seed, backbone, entry, out_root,
+                                           results, quiet, registered, import_err))
     return plans
+
+
+def _plan(grid: Grid, run_config: Any, dataset: str, split: int | None, seed: int, backbone: str, entry: str,
+          out_root: Path, results: str, quiet: bool, registered: set[str], import_err: str | None) -> PlannedRun:
+    """One cell of the grid: its merged settings, checked; its run key and output directory."""
+    method, own = parse_method_entry(entry)
+    sections = _merge(grid.overrides,
+                      *[ov for pat, ov in grid.backbone_overrides.items() if _matches(pat, backbone)],
+                      *[ov for pat, ov in grid.method_overrides.items() if _entry_matches(pat, entry)],
+                      {"method": own} if own else {},
+                      {"protocol": {"split_seed": str(split)}} if split is not None else {})
+    base_cfg = run_config(dataset=dataset, backbone=backbone, method=method, seed=seed, data_dir=grid.data_dir,
+                          results=results, quiet=quiet, label_keys=tuple(sorted(own)))
+    error = None
+    if method not in registered:
+        error = f"method {method!r} is not available (registered: {', '.join(sorted(registered))})"
+        if import_err:
+            error += f"; a method module failed to import: {import_err}"
+        sections = {k: v for k, v in sections.items() if k != "method"}
+    try:
+        cfg = base_cfg.with_overrides(sections)
+    except ConfigError as e:
+        raise GridError(f"{dataset} {backbone} {entry}: {e}") from None
+    key = cfg.key()
+    part = f"-p{split}" if split is not None else ""
+    output = out_root / _slug(dataset) / f"{backbone}-{_slug(entry)}{part}-s{seed}-{key[:8]}"
+    cfg = _replace(cfg, output=str(output))
+    label = entry if error else cfg.method_label()
+    return PlannedRun(dataset, backbone, label, seed, str(output), key, config=None if error else cfg, error=error,
+                      status="unavailable" if error else "todo", split_seed=split)
 
 
 def _replace(cfg: Any, **kw: Any) -> Any:
@@ -408,7 +505,8 @@ def record_failure(results: str | Path, plan: PlannedRun, error: BaseException |
     msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     append_result(failures_path(results), {
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "git_sha": git_sha(),
-        "dataset": plan.dataset, "backbone": plan.backbone, "method": plan.method, "seed": plan.seed,
+        "dataset": plan.dataset, "backbone": plan.backbone, "method": parse_method_entry(plan.method)[0],
+        "variant": plan.method, "split_seed": plan.split_seed, "seed": plan.seed,
         "run_key": plan.key, "output": plan.output, "error": msg.strip()[:2000], "traceback": tb[-4000:]})
 
 
@@ -444,10 +542,10 @@ class BenchSummary:
 def format_plan(plans: Iterable[PlannedRun]) -> str:
     """A plain-text table of the runs and their status (for ``--dry-run``)."""
     plans = list(plans)
-    rows = [("#", "dataset", "backbone", "method", "seed", "run key", "status", "output / reason")]
+    rows = [("#", "dataset", "backbone", "method", "split", "seed", "run key", "status", "output / reason")]
     for i, p in enumerate(plans, 1):
-        rows.append((str(i), p.dataset, p.backbone, p.method, str(p.seed), p.key, p.status,
-                     p.error if p.error else p.output))
+        rows.append((str(i), p.dataset, p.backbone, p.method, "-" if p.split_seed is None else str(p.split_seed),
+                     str(p.seed), p.key, p.status, p.error if p.error else p.output))
     widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]) - 1)]
     return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows)
 
@@ -463,8 +561,9 @@ def estimate_todo(plans: Iterable[PlannedRun], results: str | Path) -> tuple[flo
     walls: dict[tuple, list[float]] = {}
     for r in read_jsonl(results):
         w = (r.get("cost") or {}).get("wall_seconds")
+        m = r.get("variant") or r.get("method")
         if isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0:
-            for k in ((r.get("dataset"), r.get("backbone"), r.get("method")), (r.get("dataset"), r.get("method"))):
+            for k in ((r.get("dataset"), r.get("backbone"), m), (r.get("dataset"), m)):
                 walls.setdefault(k, []).append(float(w))
     total, n, unknown = 0.0, 0, []
     for p in plans:

@@ -2,23 +2,30 @@
 
 Per dataset:
 
-* compact test-AUC and test-GAUC matrices (backbone x method, mean ± std over seeds);
-* the full table: test AUC, LogLoss, GAUC (mean ± sample std, ddof=1), seeds present (and the machine
+* compact test-AUC and test-GAUC matrices (backbone x method, mean ± std over runs);
+* the full table: test AUC, LogLoss, GAUC (mean ± sample std, ddof=1), runs present (and the machine
   of each when runs come from several), RelaImpr over ``base`` of the same backbone (by mean AUC), the
-  seed-paired differences to ``kar`` and to ``base`` with paired t-tests (``scipy.stats.ttest_rel``;
-  "n/a" with fewer than 2 pairs), test AUC with the knowledge zeroed, and cost (wall time, train
-  time, peak memory, LM tokens when a method reports ``lm_tokens``);
-* the per-group table (``gender x age_group`` when present): base, kar and coco test AUC per group,
-  and for every knowledge method the groups whose AUC drops below base;
+  paired differences to ``kar`` and to ``base`` with paired t-tests (``scipy.stats.ttest_rel``;
+  "n/a" with fewer than 2 pairs), test AUC with the knowledge zeroed and permuted across users, and
+  cost (wall time, train time, peak memory, LM tokens when a method reports ``lm_tokens``);
+* the controls (when the results hold a ``field`` method or a non-LM knowledge source): every
+  knowledge variant against base, what permuting its knowledge across users costs, the share of the
+  same source's direct-field gain it recovers, and the between-user share of its knowledge vector;
+* the per-group tables (``gender x age_group`` when present; ``corrupt`` for runs with corrupted
+  users): base, kar and coco test AUC per group, and for every knowledge method the groups whose AUC
+  drops below base;
 * scalar method diagnostics (codebook perplexity, contradiction rate, ...).
 
-Missing runs show as "—" (and "missing" in the seeds column); failures recorded by ``cocorec bench``
-(``failures.jsonl`` next to the results) are listed. When a run key appears more than once the latest
-line wins; so does the latest line of a (dataset, backbone, method, seed) run under different configs.
+A *method* here is a run's method label (``kar``, ``kar[source=oracle]``: the ``variant`` of its
+results line). Runs are *paired* across methods by (split seed, seed): a grid with 3 user splits and 3
+seeds gives 9 pairs per comparison. Missing runs show as "—" (and "missing" in the runs column);
+failures recorded by ``cocorec bench`` (``failures.jsonl`` next to the results) are listed. When a run
+key appears more than once the latest line wins; so does the latest line of a (dataset, backbone,
+method, split, seed) run under different configs.
 
 Example:
     >>> recs = [{"dataset": "d", "backbone": "din", "method": m, "seed": s, "run_key": f"{m}{s}",
-    ...          "metrics": {"test": {"auc": a, "logloss": 0.5, "gauc": a}}}
+    ...          "split_seed": 42, "metrics": {"test": {"auc": a, "logloss": 0.5, "gauc": a}}}
     ...         for m, s, a in [("base", 0, 0.70), ("base", 1, 0.72), ("kar", 0, 0.73), ("kar", 1, 0.75)]]
     >>> cell = aggregate(recs)["d"]["cells"]["din"]["kar"]
     >>> round(cell["auc"]["mean"], 4), round(cell["rela_impr"], 2)
@@ -38,7 +45,7 @@ import numpy as np
 from cocorec.eval.metrics import rela_impr
 
 BACKBONE_ORDER = ["din", "dien", "dcnv2", "deepfm", "autoint", "xdeepfm"]
-METHOD_ORDER = ["base", "static", "kar", "kar-item", "r4ec", "coco", "coco-novq", "coco-nojudge"]
+METHOD_ORDER = ["base", "field", "static", "kar", "kar-item", "r4ec", "coco", "coco-novq", "coco-nojudge"]
 GROUP_METHODS = ["base", "kar", "coco"]
 PREFERRED_GROUPING = "gender x age_group"
 DASH = "—"
@@ -53,7 +60,7 @@ def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def latest_runs(records: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], int]:
-    """The latest line per run key, then per (dataset, backbone, method, seed); and how many were dropped.
+    """The latest line per run key, then per (dataset, backbone, method, split, seed); and how many were dropped.
 
     "Latest" is file order (lines are appended). Runs come back in the order of their kept lines.
     """
@@ -68,13 +75,34 @@ def latest_runs(records: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, An
     return kept, len(records) - len(kept)
 
 
+def method_of(r: Mapping[str, Any]) -> str:
+    """The run's method label (``kar[source=oracle]``); lines written before labels: the method name."""
+    return str(r.get("variant") or r.get("method"))
+
+
+def split_of(r: Mapping[str, Any]) -> int | None:
+    """The run's user split seed (older lines: from the recorded protocol)."""
+    s = r.get("split_seed")
+    if s is None:
+        s = _get(r, "config", "protocol", "split_seed")
+    return None if s is None else int(s)
+
+
+def pair_of(r: Mapping[str, Any]) -> tuple[int, int]:
+    """What pairs runs of different methods: (split seed, seed)."""
+    return (split_of(r) if split_of(r) is not None else -1, int(r.get("seed") or 0))
+
+
 def _cell_id(r: Mapping[str, Any]) -> tuple:
-    return (str(r.get("dataset")), str(r.get("backbone")), str(r.get("method")), int(r.get("seed") or 0))
+    return (str(r.get("dataset")), str(r.get("backbone")), method_of(r)) + pair_of(r)
 
 
 def _ordered(names: Iterable[str], order: list[str]) -> list[str]:
-    names = set(names)
-    return [n for n in order if n in names] + sorted(n for n in names if n not in order)
+    """``order`` first (a variant ``NAME[...]`` right after ``NAME``), the rest sorted."""
+    def rank(n: str) -> tuple:
+        base = n.split("[", 1)[0]
+        return (order.index(base) if base in order else len(order), base, n != base, n)
+    return sorted(set(names), key=rank)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -154,11 +182,16 @@ def flatten_scalars(d: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
+RUN_GROUPINGS = ("corrupt",)   # groupings a run defines for itself (its corrupted users), not the data
+
+
 def choose_grouping(records: Iterable[Mapping[str, Any]]) -> str | None:
+    """The data's grouping the group tables use (``gender x age_group`` when present)."""
     names: dict[str, int] = {}
     for r in records:
         for g, groups in (_get(r, "groups", "test") or {}).items():
-            names[g] = max(names.get(g, 0), len(groups or {}))
+            if g not in RUN_GROUPINGS:
+                names[g] = max(names.get(g, 0), len(groups or {}))
     if not names:
         return None
     if PREFERRED_GROUPING in names:
@@ -167,69 +200,81 @@ def choose_grouping(records: Iterable[Mapping[str, Any]]) -> str | None:
 
 
 def aggregate(records: Iterable[Mapping[str, Any]], hurt_margin: float = 0.001) -> dict[str, Any]:
-    """Per dataset: backbones, methods, seeds and one cell per (backbone, method) with statistics.
+    """Per dataset: backbones, methods, splits, seeds and one cell per (backbone, method) with statistics.
 
-    ``records`` are deduplicated first (:func:`latest_runs`). A group is *hurt* by a method when its
-    mean test AUC is more than ``hurt_margin`` below base's (same backbone).
+    ``records`` are deduplicated first (:func:`latest_runs`). Paired comparisons pair runs by
+    (split seed, seed). A group is *hurt* by a method when its mean test AUC is more than
+    ``hurt_margin`` below base's (same backbone).
     """
     runs, _ = latest_runs(records)
     out: dict[str, Any] = {}
     for dataset in list(dict.fromkeys(str(r["dataset"]) for r in runs)):
         rs = [r for r in runs if str(r["dataset"]) == dataset]
         backbones = _ordered({str(r.get("backbone")) for r in rs}, BACKBONE_ORDER)
-        methods = _ordered({str(r.get("method")) for r in rs}, METHOD_ORDER)
-        seeds = sorted({int(r.get("seed") or 0) for r in rs})
+        methods = _ordered({method_of(r) for r in rs}, METHOD_ORDER)
         grouping = choose_grouping(rs)
         cells: dict[str, dict[str, Any]] = {}
         for b in backbones:
             cells[b] = {}
             for m in methods:
-                cr = [r for r in rs if str(r.get("backbone")) == b and str(r.get("method")) == m]
+                cr = [r for r in rs if str(r.get("backbone")) == b and method_of(r) == m]
                 if cr:
                     cells[b][m] = _cell(cr, grouping)
             for m, c in cells[b].items():
-                base = cells[b].get("base")
-                kar = cells[b].get("kar")
-                bm = base["auc"]["mean"] if base else None
-                c["rela_impr"] = (rela_impr(c["auc"]["mean"], bm)
-                                  if bm is not None and c["auc"]["mean"] is not None and bm != 0.5 else None)
-                c["vs_kar"] = paired_ttest(c["auc_by_seed"], kar["auc_by_seed"]) if kar and m != "kar" else None
-                c["vs_base"] = paired_ttest(c["auc_by_seed"], base["auc_by_seed"]) if base and m != "base" else None
-                # an ablation (coco-novq, coco-nojudge, ...) is judged against the full method, not the baselines
-                coco = cells[b].get("coco")
-                c["vs_coco"] = (paired_ttest(c["auc_by_seed"], coco["auc_by_seed"])
-                                if coco and m.startswith("coco-") else None)
-                c["group_delta"], c["hurts"] = {}, []
-                if base and m != "base":
-                    for g, st in c["groups"].items():
-                        bg = base["groups"].get(g, {}).get("auc")
-                        if st.get("auc") is not None and bg is not None:
-                            d = st["auc"] - bg
-                            c["group_delta"][g] = d
-                            if d < -hurt_margin:
-                                c["hurts"].append(g)
-        out[dataset] = {"backbones": backbones, "methods": methods, "seeds": seeds, "grouping": grouping,
-                        "cells": cells, "lm_tokens": any(c.get("lm_tokens") is not None
-                                                         for row in cells.values() for c in row.values())}
+                _compare(m, c, cells[b], hurt_margin)
+        out[dataset] = {"backbones": backbones, "methods": methods, "grouping": grouping, "cells": cells,
+                        "seeds": sorted({int(r.get("seed") or 0) for r in rs}),
+                        "splits": sorted({s for s in (split_of(r) for r in rs) if s is not None}),
+                        "lm_tokens": any(c.get("lm_tokens") is not None
+                                         for row in cells.values() for c in row.values())}
     return out
+
+
+def _compare(m: str, c: dict[str, Any], row: Mapping[str, dict[str, Any]], hurt_margin: float) -> None:
+    """Fill a cell's comparisons with the other cells of its backbone (``row``)."""
+    base, kar, coco = row.get("base"), row.get("kar"), row.get("coco")
+    bm = base["auc"]["mean"] if base else None
+    c["rela_impr"] = (rela_impr(c["auc"]["mean"], bm)
+                      if bm is not None and c["auc"]["mean"] is not None and bm != 0.5 else None)
+    c["vs_kar"] = paired_ttest(c["auc_by_pair"], kar["auc_by_pair"]) if kar and m != "kar" else None
+    c["vs_base"] = paired_ttest(c["auc_by_pair"], base["auc_by_pair"]) if base and m != "base" else None
+    # an ablation (coco-novq, coco-nojudge, ...) is judged against the full method, not the baselines
+    c["vs_coco"] = paired_ttest(c["auc_by_pair"], coco["auc_by_pair"]) if coco and m.startswith("coco-") else None
+    c["group_delta"], c["hurts"] = {}, []
+    if base and m != "base":
+        for g, st in c["groups"].items():
+            bg = base["groups"].get(g, {}).get("auc")
+            if st.get("auc") is not None and bg is not None:
+                d = st["auc"] - bg
+                c["group_delta"][g] = d
+                if d < -hurt_margin:
+                    c["hurts"].append(g)
 
 
 def _cell(rs: list[Mapping[str, Any]], grouping: str | None) -> dict[str, Any]:
     test = [_get(r, "metrics", "test") or {} for r in rs]
     cell: dict[str, Any] = {
-        "seeds": sorted(int(r.get("seed") or 0) for r in rs),
-        "auc_by_seed": {int(r.get("seed") or 0): t.get("auc") for r, t in zip(rs, test) if t.get("auc") is not None},
+        "seeds": sorted({int(r.get("seed") or 0) for r in rs}),
+        "splits": sorted({s for s in (split_of(r) for r in rs) if s is not None}),
+        "auc_by_pair": {pair_of(r): t.get("auc") for r, t in zip(rs, test) if t.get("auc") is not None},
+        "source": str(_get(rs[0], "config", "method_config", "source") or "lm"),
+        "corrupt": float(_get(rs[0], "config", "method_config", "corrupt") or 0.0),
     }
     for k in ("auc", "logloss", "gauc"):
         cell[k] = mean_std(t.get(k) for t in test)
-    cell["n"] = len(rs)  # runs (seeds) present; a run without a test AUC still counts as present
+    cell["n"] = len(rs)  # runs present; a run without a test AUC still counts as present
     cell["machines"] = {}
     for r in rs:
         if isinstance(r.get("machine"), Mapping):
             label = machine_short(r["machine"])
             cell["machines"][label] = cell["machines"].get(label, 0) + 1
     cell["val_auc"] = mean_std(_get(r, "metrics", "val", "auc") for r in rs)
-    cell["auc_no_knowledge"] = mean_std(_get(r, "metrics", "test_no_knowledge", "auc") for r in rs)
+    for k in ("no_knowledge", "knowledge_permuted"):
+        by_pair = {pair_of(r): _get(r, "metrics", f"test_{k}", "auc") for r in rs}
+        by_pair = {p: v for p, v in by_pair.items() if v is not None}
+        cell[f"auc_{k}"] = mean_std(by_pair.values())
+        # the same trained model, its knowledge zeroed / permuted: paired with itself, run by run
+        cell[f"{k}_vs_own"] = paired_ttest(by_pair, cell["auc_by_pair"]) if by_pair else None
     for k in ("wall_seconds", "train_seconds", "samples_per_s"):
         cell[k] = mean_std(_get(r, "cost", k) for r in rs)["mean"]
     mem = [_get(r, "cost", "peak_memory_mb") for r in rs]
@@ -240,16 +285,24 @@ def _cell(rs: list[Mapping[str, Any]], grouping: str | None) -> dict[str, Any]:
     diag = [flatten_scalars(r.get("diagnostics") or {}) for r in rs]
     cell["diagnostics"] = {k: mean_std(d.get(k) for d in diag)["mean"]
                            for k in dict.fromkeys(k for d in diag for k in d)}
-    groups: dict[str, dict[str, Any]] = {}
-    if grouping:
-        per_seed = [(_get(r, "groups", "test", grouping) or {}) for r in rs]
-        for g in dict.fromkeys(g for ps in per_seed for g in ps):
-            entries = [ps[g] for ps in per_seed if g in ps]
-            groups[g] = {"auc": mean_std(e.get("auc") for e in entries)["mean"],
-                         "n": mean_std(e.get("n") for e in entries)["mean"],
-                         "users": mean_std(e.get("users") for e in entries)["mean"]}
-    cell["groups"] = groups
+    cell["between_user_share"] = mean_std(_get(r, "diagnostics", "knowledge", "between_user_variance_share")
+                                          for r in rs)["mean"]
+    cell["groups"] = _groups(rs, grouping, "test") if grouping else {}
+    cell["run_groups"] = {g: {"with": _groups(rs, g, "test"), "without": _groups(rs, g, "test_no_knowledge")}
+                          for g in RUN_GROUPINGS if any(_get(r, "groups", "test", g) for r in rs)}
     return cell
+
+
+def _groups(rs: list[Mapping[str, Any]], grouping: str, which: str) -> dict[str, dict[str, Any]]:
+    """Mean metrics per group of ``grouping`` over the runs (``which``: test or test_no_knowledge)."""
+    per_run = [(_get(r, "groups", which, grouping) or {}) for r in rs]
+    groups: dict[str, dict[str, Any]] = {}
+    for g in dict.fromkeys(g for ps in per_run for g in ps):
+        entries = [ps[g] for ps in per_run if g in ps]
+        groups[g] = {"auc": mean_std(e.get("auc") for e in entries)["mean"],
+                     "n": mean_std(e.get("n") for e in entries)["mean"],
+                     "users": mean_std(e.get("users") for e in entries)["mean"]}
+    return groups
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -310,8 +363,8 @@ def _table(header: list[str], rows: list[list[str]], align: str | None = None) -
 def _expected_from_grid(grid: Any) -> dict[str, dict[str, Any]]:
     exp: dict[str, dict[str, Any]] = {}
     for d in grid.datasets:
-        exp[d] = {"backbones": [b.lower() for b in grid.backbones], "methods": [m.lower() for m in grid.methods],
-                  "seeds": list(grid.seeds)}
+        exp[d] = {"backbones": [b.lower() for b in grid.backbones], "methods": list(grid.methods),
+                  "seeds": list(grid.seeds), "splits": list(grid.split_seeds or [])}
     return exp
 
 
@@ -343,127 +396,155 @@ def render_report(records: Iterable[Mapping[str, Any]], *, results_path: str | N
     runs, superseded = latest_runs(records)
     agg = aggregate(runs, hurt_margin=hurt_margin)
     expected = _expected_from_grid(grid) if grid is not None else {}
-    for d, e in expected.items():  # datasets of the grid with no results at all still get a table
-        agg.setdefault(d, {"backbones": [], "methods": [], "seeds": [], "grouping": None, "cells": {},
+    for d in expected:  # datasets of the grid with no results at all still get a table
+        agg.setdefault(d, {"backbones": [], "methods": [], "seeds": [], "splits": [], "grouping": None, "cells": {},
                            "lm_tokens": False})
-    L: list[str] = ["# cocorec benchmark report", ""]
+    lines = _header(records, runs, superseded, results_path)
+    if not agg:
+        lines += ["No results yet.", ""]
+    for dataset, a in agg.items():
+        lines += _dataset_sections(dataset, a, expected.get(dataset, {}), hurt_margin)
+    lines += _failures_section(runs, failures)
+    if plots:
+        lines += ["## Plots", ""]
+        for title, rel in plots.items():
+            lines += [f"### {title}", "", f"![{title}]({rel})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _header(records: list[Mapping[str, Any]], runs: list[dict[str, Any]], superseded: int,
+            results_path: str | None) -> list[str]:
+    lines = ["# cocorec benchmark report", ""]
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    shas = sorted({str(r.get("git_sha")) for r in runs if r.get("git_sha")})
-    L.append(f"Generated {now} from `{results_path or 'results'}`: {len(records)} result lines, "
-             f"{len(runs)} runs used" + (f" ({superseded} older lines superseded by a later line of the same run)"
-                                          if superseded else "") + ".")
+    lines.append(f"Generated {now} from `{results_path or 'results'}`: {len(records)} result lines, "
+                 f"{len(runs)} runs used" + (f" ({superseded} older lines superseded by a later line of the same "
+                                              f"run)" if superseded else "") + ".")
     days = sorted({str(r["time"])[:10] for r in runs if r.get("time")})
     if days:
         when = f"on {days[0]}" if len(days) == 1 else f"between {days[0]} and {days[-1]}"
-        L.append(f"Runs finished {when} (UTC).")
+        lines.append(f"Runs finished {when} (UTC).")
+    shas = sorted({str(r.get("git_sha")) for r in runs if r.get("git_sha")})
     if shas:
-        L.append(f"Code version(s): {', '.join(f'`{s}`' for s in shas)}.")
+        lines.append(f"Code version(s): {', '.join(f'`{s}`' for s in shas)}.")
     machines = sorted({machine_label(r["machine"]) for r in runs if r.get("machine")})
     if machines:
-        L.append(f"Machine(s): {'; '.join(machines)}.")
-    L += ["", "Test metrics are mean ± sample std (ddof=1) over seeds. "
-          "RelaImpr = ((AUC − 0.5) / (AUC_base − 0.5) − 1) × 100 by mean test AUC against `base` on the same "
-          "backbone. \"Δ AUC vs kar\" is the mean seed-paired test-AUC difference to `kar` with a two-sided "
-          "paired t-test (scipy `ttest_rel`; n/a with < 2 seed pairs); \"Δ AUC vs base\" the same against `base`. "
-          "\"AUC k=0\" is the same trained model with its knowledge fields zeroed. "
-          f"\"{DASH}\" marks a missing run. Model selection used validation only.", ""]
-    if not agg:
-        L += ["No results yet.", ""]
-    failures = list(failures)
-    for dataset, a in agg.items():
-        e = expected.get(dataset, {})
-        backbones = _ordered(set(a["backbones"]) | set(e.get("backbones", [])), BACKBONE_ORDER)
-        methods = _ordered(set(a["methods"]) | set(e.get("methods", [])), METHOD_ORDER)
-        seeds = sorted(set(a["seeds"]) | set(e.get("seeds", [])))
-        n_exp = len(seeds)
-        cells = a["cells"]
-        L += [f"## {dataset}", "", f"Seeds: {', '.join(map(str, seeds)) or DASH}.", ""]
-        # compact matrix
-        L += ["### Test AUC (backbone × method)", ""]
-        rows = []
-        for b in backbones:
-            rows.append([b] + [_ms(cells.get(b, {}).get(m, {}).get("auc")) for m in methods])
-        L += _table(["backbone"] + methods, rows, "l" + "r" * len(methods)) + [""]
+        lines.append(f"Machine(s): {'; '.join(machines)}.")
+    return lines + ["", "Test metrics are mean ± sample std (ddof=1) over runs. Runs of different methods are "
+                    "paired by (user split seed, seed). RelaImpr = ((AUC − 0.5) / (AUC_base − 0.5) − 1) × 100 by "
+                    "mean test AUC against `base` on the same backbone. \"Δ AUC vs kar\" is the mean paired "
+                    "test-AUC difference to `kar` with a two-sided paired t-test (scipy `ttest_rel`; n/a with "
+                    "< 2 pairs); \"Δ AUC vs base\" the same against `base`. \"AUC k=0\" is the same trained "
+                    "model with its knowledge fields zeroed, \"AUC k perm.\" with every test user reading "
+                    "another test user's knowledge. A method `NAME[source=oracle]` reads a deliberate leak "
+                    "(the user's own label rates): a control, never a result. "
+                    f"\"{DASH}\" marks a missing run. Model selection used validation only.", ""]
+
+
+def _dataset_sections(dataset: str, a: Mapping[str, Any], e: Mapping[str, Any], hurt_margin: float) -> list[str]:
+    backbones = _ordered(set(a["backbones"]) | set(e.get("backbones", [])), BACKBONE_ORDER)
+    methods = _ordered(set(a["methods"]) | set(e.get("methods", [])), METHOD_ORDER)
+    seeds = sorted(set(a["seeds"]) | set(e.get("seeds", [])))
+    splits = sorted(set(a.get("splits", [])) | set(e.get("splits", [])))
+    n_exp = len(seeds) * max(1, len(splits))
+    cells = a["cells"]
+    what = f"Seeds: {', '.join(map(str, seeds)) or DASH}."
+    if len(splits) > 1:
+        what = (f"User splits (split seeds): {', '.join(map(str, splits))}; seeds: {', '.join(map(str, seeds))}: "
+                f"{n_exp} runs per cell, paired across methods by (split, seed).")
+    lines = [f"## {dataset}", "", what, ""]
+    for title, k in (("Test AUC", "auc"), ("Test GAUC", "gauc")):
         # GAUC ranks items within each user: knowledge can move it differently from the pooled AUC
-        L += ["### Test GAUC (backbone × method)", ""]
-        rows = [[b] + [_ms(cells.get(b, {}).get(m, {}).get("gauc")) for m in methods] for b in backbones]
-        L += _table(["backbone"] + methods, rows, "l" + "r" * len(methods)) + [""]
-        # full table
-        header = ["backbone", "method", "seeds", "test AUC", "LogLoss", "GAUC", "RelaImpr %", "Δ AUC vs kar",
-                  "Δ AUC vs base", "AUC k=0", "wall s", "train s", "peak MB"]
-        # runs from several machines: say which ran each cell (numerics and costs differ between machines)
-        mixed = len({k for row in cells.values() for c in row.values() for k in c["machines"]}) > 1
-        if mixed:
-            header.insert(3, "machine")
-        if a.get("lm_tokens"):
-            header.append("LM tokens")
-        rows = []
-        n_missing = 0
-        for b in backbones:
-            for m in methods:
-                c = cells.get(b, {}).get(m)
-                if c is None:
-                    n_missing += n_exp
-                    rows.append([b, m, "missing"] + [DASH] * (len(header) - 3))
-                    continue
-                n_missing += max(0, n_exp - c["n"])
-                seeds_s = f"{c['n']}" + (f"/{n_exp}" if c["n"] < n_exp else "")
-                row = [b, m, seeds_s, _ms(c["auc"]), _ms(c["logloss"]), _ms(c["gauc"]),
-                       _f(c["rela_impr"], 2, signed=True) if c["rela_impr"] is not None else DASH,
-                       _paired(c.get("vs_kar"), ref=m == "kar"), _paired(c.get("vs_base"), ref=m == "base"),
-                       _ms(c["auc_no_knowledge"]) if m != "base" else DASH,
-                       _num(c["wall_seconds"]), _num(c["train_seconds"]), _num(c["peak_memory_mb"])]
-                if a.get("lm_tokens"):
-                    row.append(_num(c["lm_tokens"]))
-                if mixed:
-                    row.insert(3, _machines_cell(c["machines"]))
-                rows.append(row)
-        L += ["### All metrics", ""] + _table(header, rows, "llr" + ("l" if mixed else "") + "r" * (len(header) - (4 if mixed else 3)))
-        L += [""]
-        if mixed:
-            L += ["These runs come from more than one machine (the machine column; seeds per machine). "
+        rows = [[b] + [_ms(cells.get(b, {}).get(m, {}).get(k)) for m in methods] for b in backbones]
+        lines += [f"### {title} (backbone × method)", ""] + _table(["backbone"] + methods, rows,
+                                                                   "l" + "r" * len(methods)) + [""]
+    lines += _full_table(a, backbones, methods, n_exp)
+    lines += _controls_section(backbones, methods, cells)
+    lines += _ablation_section(backbones, methods, cells)
+    if a.get("grouping"):
+        lines += _group_section(dataset, a["grouping"], backbones, methods, cells, hurt_margin)
+    lines += _run_group_section(backbones, methods, cells)
+    lines += _diagnostics_section(backbones, methods, cells)
+    return lines
+
+
+def _full_table(a: Mapping[str, Any], backbones: list[str], methods: list[str], n_exp: int) -> list[str]:
+    cells = a["cells"]
+    header = ["backbone", "method", "runs", "test AUC", "LogLoss", "GAUC", "RelaImpr %", "Δ AUC vs kar",
+              "Δ AUC vs base", "AUC k=0", "AUC k perm.", "wall s", "train s", "peak MB"]
+    # runs from several machines: say which ran each cell (numerics and costs differ between machines)
+    mixed = len({k for row in cells.values() for c in row.values() for k in c["machines"]}) > 1
+    if mixed:
+        header.insert(3, "machine")
+    if a.get("lm_tokens"):
+        header.append("LM tokens")
+    rows = []
+    n_missing = 0
+    for b in backbones:
+        for m in methods:
+            c = cells.get(b, {}).get(m)
+            if c is None:
+                n_missing += n_exp
+                rows.append([b, m, "missing"] + [DASH] * (len(header) - 3))
+                continue
+            n_missing += max(0, n_exp - c["n"])
+            row = [b, m, f"{c['n']}" + (f"/{n_exp}" if c["n"] < n_exp else ""), _ms(c["auc"]), _ms(c["logloss"]),
+                   _ms(c["gauc"]), _f(c["rela_impr"], 2, signed=True) if c["rela_impr"] is not None else DASH,
+                   _paired(c.get("vs_kar"), ref=m == "kar"), _paired(c.get("vs_base"), ref=m == "base"),
+                   _ms(c["auc_no_knowledge"]) if m != "base" else DASH,
+                   _ms(c["auc_knowledge_permuted"]) if m != "base" else DASH,
+                   _num(c["wall_seconds"]), _num(c["train_seconds"]), _num(c["peak_memory_mb"])]
+            if a.get("lm_tokens"):
+                row.append(_num(c["lm_tokens"]))
+            if mixed:
+                row.insert(3, _machines_cell(c["machines"]))
+            rows.append(row)
+    lines = ["### All metrics", ""] + _table(header, rows, "llr" + ("l" if mixed else "")
+                                             + "r" * (len(header) - (4 if mixed else 3))) + [""]
+    if mixed:
+        lines += ["These runs come from more than one machine (the machine column; runs per machine). "
                   "Floating-point results and costs differ between machines: compare a method with the base "
                   "that ran on the same machine where you can.", ""]
-        if n_missing:
-            L += [f"{n_missing} run(s) of this dataset are missing (see Failures below, or run the grid again).", ""]
-        L += _ablation_section(backbones, methods, cells)
-        # per-group table
-        grouping = a.get("grouping")
-        if grouping:
-            L += _group_section(dataset, grouping, backbones, methods, cells, hurt_margin)
-        # diagnostics
-        diag_rows = []
-        for b in backbones:
-            for m in methods:
-                c = cells.get(b, {}).get(m)
-                if c and c["diagnostics"]:
-                    items = list(c["diagnostics"].items())
-                    shown = ", ".join(f"{k}={_fmt_diag(v)}" for k, v in items[:14])
-                    if len(items) > 14:
-                        shown += f", … ({len(items) - 14} more)"
-                    diag_rows.append([b, m, shown])
-        if diag_rows:
-            L += ["### Method diagnostics (mean over seeds)", ""] + _table(["backbone", "method", "diagnostics"],
-                                                                             diag_rows, "lll") + [""]
-    # failures that no later success replaced
-    done = {r.get("run_key") for r in runs}
-    done_cells = {_cell_id(r) for r in runs}
-    open_fail: dict[tuple, Mapping[str, Any]] = {}
-    for f in failures:
-        if f.get("run_key") in done or _cell_id(f) in done_cells:
-            continue
-        open_fail[_cell_id(f)] = f
-    if open_fail:
-        L += ["## Failures and unavailable runs", ""]
-        rows = [[str(f.get("dataset")), str(f.get("backbone")), str(f.get("method")), str(f.get("seed")),
-                 str(f.get("time", "")), str(f.get("error", "")).splitlines()[0][:200] if f.get("error") else ""]
-                for f in open_fail.values()]
-        L += _table(["dataset", "backbone", "method", "seed", "time", "error"], rows, "llllll") + [""]
-    if plots:
-        L += ["## Plots", ""]
-        for title, rel in plots.items():
-            L += [f"### {title}", "", f"![{title}]({rel})", ""]
-    return "\n".join(L).rstrip() + "\n"
+    if n_missing:
+        lines += [f"{n_missing} run(s) of this dataset are missing (see Failures below, or run the grid again).", ""]
+    return lines
+
+
+def _controls_section(backbones: list[str], methods: list[str], cells: Mapping[str, Any]) -> list[str]:
+    """Every knowledge method against base, with what its knowledge carries about the user."""
+    def is_control(c: Mapping[str, Any], m: str) -> bool:
+        return m.startswith("field") or c["source"] != "lm" or c["corrupt"] > 0
+    if not any(is_control(c, m) for row in cells.values() for m, c in row.items()):
+        return []
+    header = ["backbone", "method", "source", "runs", "test AUC", "Δ vs base (paired)", "Δ permuted (paired)",
+              "Δ k=0 (paired)", "of the field's gain", "between-user share"]
+    rows = []
+    for b in backbones:
+        row = cells.get(b, {})
+        for m in methods:
+            c = row.get(m)
+            if c is None or m == "base":
+                continue
+            ceiling = row.get(f"field[source={c['source']}]") if not m.startswith("field") else None
+            share = DASH
+            if ceiling and c.get("vs_base") and ceiling.get("vs_base"):
+                gain, top = c["vs_base"]["mean_diff"], ceiling["vs_base"]["mean_diff"]
+                if gain is not None and top:
+                    share = f"{100 * gain / top:.0f}%"
+            src = c["source"] + (f" +corrupt {c['corrupt']:g}" if c["corrupt"] else "")
+            rows.append([b, m + (" (leak)" if c["source"] == "oracle" else ""), src, str(c["n"]), _ms(c["auc"]),
+                         _paired(c.get("vs_base")), _paired(c.get("knowledge_permuted_vs_own")),
+                         _paired(c.get("no_knowledge_vs_own")), share, _f(c.get("between_user_share"), 3)])
+    return (["### Controls: what the knowledge carries about the user", "",
+             "Each knowledge method against `base` on the same backbone (paired by split and seed). "
+             "\"Δ permuted\": the same trained model with every test user reading another test user's "
+             "knowledge, minus its own score (paired run by run): a signal about the user costs AUC when "
+             "permuted. \"Δ k=0\": the same with the knowledge zeroed. \"of the field's gain\": the method's "
+             "gain over base as a share of the gain of `field` with the same source (the source's ceiling "
+             "as a plain per-user vector). \"between-user share\": the share of the knowledge vector's "
+             "mean squared norm that varies between users (the rest is a constant and, for item fields, "
+             "within-user variance). `oracle` is a leak (the user's own label rates, test labels "
+             "included): it shows what the pipeline can detect, never a result.", ""]
+            + _table(header, rows, "lll" + "r" * (len(header) - 3)) + [""])
 
 
 def _ablation_section(backbones: list[str], methods: list[str], cells: Mapping[str, Any]) -> list[str]:
@@ -479,6 +560,66 @@ def _ablation_section(backbones: list[str], methods: list[str], cells: Mapping[s
             + _table(["backbone"] + ablations, rows, "l" + "r" * len(ablations)) + [""])
 
 
+def _diagnostics_section(backbones: list[str], methods: list[str], cells: Mapping[str, Any]) -> list[str]:
+    rows = []
+    for b in backbones:
+        for m in methods:
+            c = cells.get(b, {}).get(m)
+            if c and c["diagnostics"]:
+                items = list(c["diagnostics"].items())
+                shown = ", ".join(f"{k}={_fmt_diag(v)}" for k, v in items[:14])
+                if len(items) > 14:
+                    shown += f", … ({len(items) - 14} more)"
+                rows.append([b, m, shown])
+    if not rows:
+        return []
+    return ["### Method diagnostics (mean over runs)", ""] + _table(["backbone", "method", "diagnostics"], rows,
+                                                                    "lll") + [""]
+
+
+def _failures_section(runs: list[dict[str, Any]], failures: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Failures that no later success replaced."""
+    done = {r.get("run_key") for r in runs}
+    done_cells = {_cell_id(r) for r in runs}
+    open_fail: dict[tuple, Mapping[str, Any]] = {}
+    for f in failures:
+        if f.get("run_key") in done or _cell_id(f) in done_cells:
+            continue
+        open_fail[_cell_id(f)] = f
+    if not open_fail:
+        return []
+    rows = [[str(f.get("dataset")), str(f.get("backbone")), method_of(f),
+             DASH if split_of(f) is None else str(split_of(f)), str(f.get("seed")), str(f.get("time", "")),
+             str(f.get("error", "")).splitlines()[0][:200] if f.get("error") else ""]
+            for f in open_fail.values()]
+    return (["## Failures and unavailable runs", ""]
+            + _table(["dataset", "backbone", "method", "split", "seed", "time", "error"], rows, "lllllll") + [""])
+
+
+def _run_group_section(backbones: list[str], methods: list[str], cells: Mapping[str, Any]) -> list[str]:
+    """Groups a run defines itself (``corrupt``): each group's AUC, and with the knowledge zeroed."""
+    lines: list[str] = []
+    for grouping in RUN_GROUPINGS:
+        rows = []
+        for b in backbones:
+            for m in methods:
+                c = cells.get(b, {}).get(m)
+                rg = (c or {}).get("run_groups", {}).get(grouping)
+                if not rg:
+                    continue
+                for g in sorted(rg["with"]):
+                    w, wo = rg["with"][g].get("auc"), rg["without"].get(g, {}).get("auc")
+                    rows.append([b, m, g, _int(rg["with"][g].get("users")), _int(rg["with"][g].get("n")), _f(w),
+                                 _f(wo), _f(w - wo, 4, signed=True) if w is not None and wo is not None else DASH])
+        if rows:
+            lines += [f"### Per-group test AUC ({grouping})", "",
+                      "Groups the run defines itself (the users whose knowledge it corrupted, and the rest): "
+                      "test AUC with the knowledge and with it zeroed (the same trained model), mean over runs.",
+                      ""] + _table(["backbone", "method", "group", "users", "n", "AUC", "AUC k=0", "Δ"], rows,
+                                   "lll" + "r" * 5) + [""]
+    return lines
+
+
 def _fmt_diag(v: Any) -> str:
     if v is None:
         return DASH
@@ -489,7 +630,7 @@ def _fmt_diag(v: Any) -> str:
 
 def _group_section(dataset: str, grouping: str, backbones: list[str], methods: list[str],
                    cells: Mapping[str, Mapping[str, Any]], hurt_margin: float) -> list[str]:
-    L = [f"### Per-group test AUC ({grouping})", "",
+    lines = [f"### Per-group test AUC ({grouping})", "",
          f"Mean test AUC per user group; Δ against `base` on the same backbone. A method *hurts* a group when "
          f"the group's AUC is more than {hurt_margin:g} below base's. Groups with too few samples have no AUC.", ""]
     shown = [m for m in GROUP_METHODS if m in methods]
@@ -521,7 +662,7 @@ def _group_section(dataset: str, grouping: str, backbones: list[str], methods: l
                     s += f" ({c['group_delta'][g]:+.4f})"
                 row.append(s)
             rows.append(row)
-        L += [f"**{b}**", ""] + _table(header, rows, "l" + "r" * (len(header) - 1)) + [""]
+        lines += [f"**{b}**", ""] + _table(header, rows, "l" + "r" * (len(header) - 1)) + [""]
         hurt_lines = []
         for m in knowledge:
             c = row_cells.get(m)
@@ -537,10 +678,10 @@ def _group_section(dataset: str, grouping: str, backbones: list[str], methods: l
             else:
                 hurt_lines.append(f"- {m} hurts no group ({len(c['group_delta'])} compared)")
         if hurt_lines:
-            L += hurt_lines + [""]
+            lines += hurt_lines + [""]
     if not any_table:
-        L += ["No per-group metrics in these results.", ""]
-    return L
+        lines += ["No per-group metrics in these results.", ""]
+    return lines
 
 
 def write_report(results: str | os.PathLike, output: str | os.PathLike | None = None,

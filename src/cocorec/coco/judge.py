@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+import numpy as np
 import torch
 
 COLLABORATION = "collaboration"
@@ -35,6 +36,65 @@ def confidence(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def contradiction_mask(p_plus: torch.Tensor, p_zero: torch.Tensor, y: torch.Tensor, delta: float) -> torch.Tensor:
     """True where knowledge lowers the confidence in the true label by more than ``delta``."""
     return confidence(p_plus, y) + delta < confidence(p_zero, y)
+
+
+def helps_mask(p_plus: torch.Tensor, p_zero: torch.Tensor, y: torch.Tensor, delta: float) -> torch.Tensor:
+    """True where knowledge raises the confidence in the true label by more than ``delta`` (the
+    symmetric side of :func:`contradiction_mask`)."""
+    return confidence(p_plus, y) > confidence(p_zero, y) + delta
+
+
+class UserJudgeStats:
+    """Per-user counts of judged samples, contradicting ones and helped ones, over training.
+
+    Example:
+        >>> s = UserJudgeStats(3)
+        >>> s.add(torch.tensor([0, 0, 2]), torch.tensor([True, False, False]), torch.tensor([False, True, False]))
+        >>> s.rates()[0].tolist()
+        [0.5, 0.0, 0.0]
+    """
+
+    def __init__(self, n_users: int) -> None:
+        self.counts = torch.zeros(3, n_users, dtype=torch.float64)   # judged, contradicting, helped
+
+    def add(self, users: torch.Tensor, contradicts: torch.Tensor, helps: torch.Tensor) -> None:
+        u = users.cpu()
+        for row, v in enumerate((torch.ones_like(u, dtype=torch.float64), contradicts.cpu().double(),
+                                 helps.cpu().double())):
+            self.counts[row].index_add_(0, u, v)
+
+    def rates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(contradiction rate, helps rate) per user (0 for users never judged)."""
+        n = self.counts[0].clamp_min(1.0)
+        return self.counts[1] / n, self.counts[2] / n
+
+    def summary(self, groups: list[str] | None = None) -> dict[str, Any]:
+        """Rates over the judged users (sample-weighted and per-user quantiles); with ``groups`` (per
+        user ``corrupted`` / ``clean``) the rates per group and the AUROC of each per-user rate at
+        telling corrupted users from clean ones."""
+        from cocorec.eval.metrics import auc
+
+        judged = self.counts[0] > 0
+        c, h = self.rates()
+        n = self.counts[0][judged]
+        out: dict[str, Any] = {"users_judged": int(judged.sum()), "samples_judged": int(n.sum())}
+        if not judged.any():
+            return out
+        for name, r in (("contradiction", c), ("helps", h)):
+            v = r[judged].numpy()
+            out[f"{name}_rate"] = float((r[judged] * n).sum() / n.sum())
+            out[f"per_user_{name}_rate"] = {q: round(float(x), 4) for q, x in
+                                            zip(("p10", "p50", "p90"), np.quantile(v, [0.1, 0.5, 0.9]))}
+        if groups is not None:
+            g = np.asarray(groups, dtype=object)[judged.numpy()]
+            bad = (g == "corrupted").astype(float)
+            out["by_group"] = {k: {"users": int((g == k).sum()),
+                                   "contradiction_rate": float(c[judged].numpy()[g == k].mean()),
+                                   "helps_rate": float(h[judged].numpy()[g == k].mean())}
+                               for k in ("corrupted", "clean") if (g == k).any()}
+            out["corrupt_user_auroc"] = auc(bad, c[judged].numpy())
+            out["corrupt_user_auroc_helps"] = auc(1.0 - bad, h[judged].numpy())
+        return out
 
 
 class PhaseScheduler:

@@ -66,12 +66,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from cocorec.coco.codebook import VQCodebook, perplexity
-from cocorec.coco.judge import COLLABORATION, CONTRADICTION, PhaseScheduler, contradiction_mask
+from cocorec.coco.judge import (COLLABORATION, CONTRADICTION, PhaseScheduler, UserJudgeStats, contradiction_mask,
+                                helps_mask)
 from cocorec.coco.kvcache import BASE, UserTextKVCache
 from cocorec.coco.lora import add_lora, fingerprint
 from cocorec.coco.readout import CrossAttentionReadout
 from cocorec.eval.metrics import auc as auc_score
 from cocorec.knowledge.base import KnowledgeMethod, register_method, register_variant
+from cocorec.knowledge.sources import LEAK, check_source
 from cocorec.utils.io import cache_root
 
 __all__ = ["CoCo"]
@@ -148,10 +150,15 @@ class CoCo(KnowledgeMethod):
         guard_margin: float = 0.005,
         guard_min_samples: int = 200,
         query_backbone_grad: bool = False,
-        seed: int = 0,
+        source: str = "lm",
+        corrupt: float = 0.0,
     ) -> None:
         super().__init__()
         self._config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        check_source(self.name, source, corrupt)
+        self.source, self.corrupt = source, float(corrupt)
+        if source == "oracle":
+            self._config["leak"] = LEAK
         if codebook_size < 1 or prompt_len < 1 or knowledge_dim < 1:
             raise ValueError("codebook_size, prompt_len and knowledge_dim must be >= 1")
         if not 0.0 <= knowledge_dropout < 1.0:
@@ -178,12 +185,11 @@ class CoCo(KnowledgeMethod):
         self.use_guard, self.guard_grouping = guard, guard_grouping
         self.guard_margin, self.guard_min_samples = guard_margin, guard_min_samples
         self.query_backbone_grad = query_backbone_grad
-        self.seed = seed
         self.knowledge_dims = [knowledge_dim]
+        self.knowledge_names = ["user"]
         self.scheduler = PhaseScheduler(threshold=rate_threshold, window=rate_window, phase_steps=phase_steps,
                                         cooldown_steps=cooldown_steps, max_phases=max_phases,
                                         warmup_steps=warmup_steps, enabled=judge)
-        self._gen = torch.Generator().manual_seed(seed)
         self._built = False
         self._prepared = False
         self._lora: dict[str, nn.Parameter] = {}
@@ -204,6 +210,9 @@ class CoCo(KnowledgeMethod):
             if not hasattr(model, attr):
                 raise TypeError(f"{self.name} needs a backbone built on cocorec.models.BaseModel (missing {attr!r})")
         device = next(model.parameters()).device
+        # Every draw of the method (prompt and key init, LoRA init, knowledge dropout, live users,
+        # dead-code resets) comes from this generator: it follows the run's seed.
+        self._gen = torch.Generator().manual_seed(self.seed)
         lm = self._load_lm(device)
         object.__setattr__(self, "_lm", lm)   # outside the module tree: never saved, never moved
         if self.use_judge:
@@ -229,7 +238,7 @@ class CoCo(KnowledgeMethod):
         from cocorec.knowledge.lm import LMConfig, load_lm, tiny_lm
 
         if self.lm_name == "tiny":
-            lm = tiny_lm(seed=self.seed)
+            lm = tiny_lm(seed=0)   # the stand-in for a pretrained LM: the same weights in every run
             lm.model.to(device)
             lm.device = device
             return lm
@@ -288,10 +297,13 @@ class CoCo(KnowledgeMethod):
             self._guard_enabled = torch.ones(len(self.guard_groups), dtype=torch.bool, device=dev)
         max_tokens = min(self.max_text_tokens, self.lm.max_context - self.prompt_len)
         shared = cache_root() / "coco-kv" if self.kv_shared else None
-        self.kv = UserTextKVCache.from_texts(self.lm, data.user_text, max_tokens=max_tokens, directory=self.kv_dir,
+        self.kv = UserTextKVCache.from_texts(self.lm, self.user_source(data).user_texts(), max_tokens=max_tokens,
+                                             directory=self.kv_dir,
                                              shared_dir=shared, **self.kv_cfg)  # type: ignore[arg-type]
         self._bank = torch.zeros(n_users, self.knowledge_dim, device=dev)
         self._bank_fp = None
+        if getattr(self, "judge_stats", None) is None or self.judge_stats.counts.shape[1] != n_users:
+            self.judge_stats = UserJudgeStats(n_users)
         if self.use_vq and not bool(self.keys_initialised):
             with torch.no_grad():
                 q = self._query(self._train_users.to(dev))
@@ -404,7 +416,7 @@ class CoCo(KnowledgeMethod):
         finally:
             model.train(was)
         y = batch["label"].float()
-        return contradiction_mask(p_plus, p_zero, y, self.delta), p_plus, p_zero
+        return contradiction_mask(p_plus, p_zero, y, self.delta), helps_mask(p_plus, p_zero, y, self.delta)
 
     def _align_loss(self, k_live: torch.Tensor, live_users: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """InfoNCE: k_u vs (a projection of) the backbone embedding of one of u's positive items in the batch."""
@@ -451,7 +463,8 @@ class CoCo(KnowledgeMethod):
         users = batch["user"].to(dev)
         y = batch["label"].to(dev).float()
         uniq, inv = torch.unique(users, return_inverse=True)
-        c_mask, _, _ = self._judge(model, batch, self._bank[users])
+        c_mask, h_mask = self._judge(model, batch, self._bank[users])
+        self.judge_stats.add(users, c_mask, h_mask)
         rate = float(c_mask.float().mean())
         phase = self.scheduler.phase
         contradiction_step = phase == CONTRADICTION and bool(self._lora)
@@ -572,6 +585,8 @@ class CoCo(KnowledgeMethod):
         extra = {"scheduler": self.scheduler.state(), "n_lora_updates": self.n_lora_updates,
                  "rate_by_epoch": self.rate_by_epoch, "guard_report": self.guard_report}
         state["judge/state"] = torch.frombuffer(bytearray(json.dumps(extra).encode()), dtype=torch.uint8)
+        if getattr(self, "judge_stats", None) is not None:
+            state["judge/user_counts"] = self.judge_stats.counts.clone()
         return state
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -590,6 +605,9 @@ class CoCo(KnowledgeMethod):
                 self.scheduler.load(extra["scheduler"])
                 self.n_lora_updates = extra["n_lora_updates"]
                 self.rate_by_epoch = extra["rate_by_epoch"]
+                if "judge/user_counts" in state:
+                    self.judge_stats = UserJudgeStats(state["judge/user_counts"].shape[1])
+                    self.judge_stats.counts = state["judge/user_counts"].cpu().double().clone()
             if extra.get("guard_report"):
                 self.guard_report = extra["guard_report"]
         self._bank_fp = None    # weights changed: the bank is refreshed at the next training step
@@ -626,6 +644,11 @@ class CoCo(KnowledgeMethod):
             "phase_steps": [s for s, _, ph in self.scheduler.history if ph == CONTRADICTION],
             "phases": self.scheduler.events, "n_phases": self.scheduler.n_phases,
             "n_lora_updates": self.n_lora_updates, "contradiction_elimination": bool(self._lora)}
+        # Per training user: how often the knowledge lowered (contradiction) or raised (helps) the
+        # confidence in the true label by more than delta; with corrupt > 0, how well that separates
+        # the corrupted users from the clean ones.
+        out["judge"] = {"delta": self.delta, "source": self.user_source(self._data).label,
+                        **self.judge_stats.summary(self.user_groups().get("corrupt"))}
         out["guard"] = self.guard_report if self.use_guard else {"enabled": False}
         out["kv_cache"] = {"bytes": self.kv.nbytes, "bytes_per_user": round(self.kv.bytes_per_user()),
                            "bytes_allocated": self.kv.nbytes_allocated,

@@ -211,7 +211,8 @@ def _rating_code(df: pd.DataFrame) -> np.ndarray:
     return np.clip(code, 1, 5).astype(np.int64)
 
 
-def _user_text(profile: dict[str, str], history: list[tuple[str, int]], has_ratings: bool) -> str:
+def user_text(profile: dict[str, str], history: list[tuple[str, int]], has_ratings: bool) -> str:
+    """The text of a user's profile and LM history ``[(title, rating)]`` that CoCo's LM reads."""
     parts = [f"{k}: {v}" for k, v in profile.items() if v and v != "unknown"]
     prof = "; ".join(parts) if parts else "unknown"
     if has_ratings:
@@ -361,16 +362,16 @@ def build(raw: RawData, cfg: ProtocolConfig) -> CTRData:
         item_info.append(info)
     item_text = [""] + [_item_text(info, info["extra"]) for info in item_info]
     item_info = [{"id": "", "title": "", "year": None, "tags": [], "extra": {}}] + item_info
-    user_text = []
+    user_texts = []
     for uid in range(len(user_ids)):
         a, b = llm_offsets[uid], llm_offsets[uid + 1]
         hist = [(item_info[i]["title"], int(r)) for i, r in zip(arrays["llm_items"][a:b], arrays["llm_ratings"][a:b])]
-        user_text.append(_user_text(user_profile[uid], hist, has_ratings))
+        user_texts.append(user_text(user_profile[uid], hist, has_ratings))
 
     spec = FeatureSpec(n_items=n_items, n_tags=len(tag_vocab) + 1, max_tags=cfg.max_tags, max_hist_len=T,
                        user_fields=user_fields, item_fields=item_fields)
     meta = {"name": raw.name, "spec": asdict(spec), "config": asdict(cfg), "user_ids": user_ids,
-            "item_ids": item_ids, "user_text": user_text, "item_text": item_text, "user_groups": user_groups,
+            "item_ids": item_ids, "user_text": user_texts, "item_text": item_text, "user_groups": user_groups,
             "user_profile": user_profile, "item_info": item_info, "tag_vocab": tag_vocab, "notes": notes,
             "has_ratings": has_ratings}
     return CTRData(raw.name, spec, cfg, arrays, meta)

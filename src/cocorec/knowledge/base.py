@@ -1,8 +1,10 @@
 """The knowledge-method plug-in interface: every method works on every backbone.
 
 A method turns a batch into zero or more dense knowledge fields (``knowledge_dims``), may add
-auxiliary losses, and may take over the training step (CoCo's judge does). The trainer calls:
+auxiliary losses, and may take over the training step (CoCo's judge does). ``build_method`` gives
+it the run's seed (``method.seed``: every draw of the method follows it). The run calls:
 
+* ``bind(spec)`` before the backbone is built (a field width that depends on the data);
 * ``prepare(data, output_dir)`` once before training (generate/encode/cache what it needs);
 * ``training_loss(model, batch, step)`` per step -> (loss, logs);
 * ``forward(batch)`` for evaluation -> list of knowledge tensors (or None for no knowledge);
@@ -16,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +35,25 @@ class KnowledgeMethod(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.knowledge_dims: list[int] = []
+        self.knowledge_names: list[str] = []  # one name per knowledge field (diagnostics)
+        self.seed = 0                       # the run's seed, set by build_method
+        self.source, self.corrupt = "lm", 0.0
+        self._source: Any = None            # the UserSource, built in prepare (methods with a source)
+
+    def bind(self, spec: Any) -> None:
+        """Called with the data's :class:`~cocorec.data.protocol.FeatureSpec` before the backbone is built."""
+
+    def user_source(self, data: Any) -> Any:
+        """The run's :class:`~cocorec.knowledge.sources.UserSource` (source, corruption, seed) for ``data``."""
+        from cocorec.knowledge.sources import UserSource
+
+        if self._source is None or self._source.data is not data:
+            self._source = UserSource(data, self.source, self.corrupt, self.seed)
+        return self._source
+
+    def user_groups(self) -> dict[str, list[str]]:
+        """Groupings of users the method defines (``corrupt`` with ``corrupt > 0``), per user index."""
+        return self._source.groups() if self._source is not None else {}
 
     def attach(self, model: nn.Module) -> None:
         """Called by the trainer with the backbone (CoCo builds its query from the backbone's embeddings).
@@ -134,18 +156,76 @@ def register_variant(base: type, name: str, doc: str, **fixed: Any) -> type:
     return cls
 
 
-def build_method(name: str, **kwargs: Any) -> KnowledgeMethod:
+def build_method(name: str, seed: int = 0, **kwargs: Any) -> KnowledgeMethod:
+    """The method ``name`` built from its config keys, with the run's ``seed`` (not a config key)."""
     import_methods()
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; one of {sorted(METHODS)}")
-    return METHODS[name](**kwargs)
+    method = METHODS[name](**kwargs)
+    method.seed = int(seed)
+    return method
+
+
+def format_setting(v: Any) -> str:
+    """A setting's value as it is written in a method label: ``0.3``, ``true``, ``oracle``."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return f"{v:g}"
+    if isinstance(v, str):
+        if v.lower() in ("true", "false"):
+            return v.lower()
+        try:
+            return f"{float(v):g}"
+        except ValueError:
+            return v
+    return str(v)
+
+
+def method_label(method: str, args: Mapping[str, Any], shown: Iterable[str] = ()) -> str:
+    """How a run's method is named in reports: the name, plus the settings that make it a variant:
+    its knowledge source when not the LM's, a corruption, and the settings ``shown`` (a grid entry's).
+
+    Example:
+        >>> method_label("kar", {"source": "oracle"})
+        'kar[source=oracle]'
+        >>> method_label("kar", {"source": "lm", "standardize": True}, shown=["standardize"])
+        'kar[standardize=true]'
+        >>> method_label("base", {})
+        'base'
+    """
+    import inspect
+
+    import_methods()
+    factory = METHODS.get(method)
+    params = dict(inspect.signature(factory).parameters) if factory is not None else {}
+    value = {k: args[k] if k in args else (params[k].default if k in params else None) for k in {*shown, *params}}
+    keys = set(shown) | {k for k, neutral in (("source", "lm"), ("corrupt", 0.0))
+                         if k in params and value[k] != neutral}
+    inner = ",".join(f"{k}={format_setting(value[k])}" for k in sorted(keys))
+    return f"{method}[{inner}]" if inner else method
+
+
+def check_method_args(name: str, args: dict[str, Any]) -> None:
+    """Checks of a method's settings that need no data (its knowledge source); a ConfigError if bad."""
+    import inspect
+
+    from cocorec.knowledge.sources import check_source
+
+    factory = METHODS.get(name)
+    if factory is None:
+        return
+    params = inspect.signature(factory).parameters
+    if "source" in params:
+        check_source(name, args.get("source", params["source"].default),
+                     args.get("corrupt", params["corrupt"].default if "corrupt" in params else 0.0))
 
 
 def import_methods() -> None:
     """Import the modules that register methods (kept lazy: they pull in transformers)."""
     import importlib
 
-    for mod in ("cocorec.knowledge.kar", "cocorec.coco.method"):
+    for mod in ("cocorec.knowledge.kar", "cocorec.knowledge.field", "cocorec.coco.method"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:  # a method module not built yet

@@ -143,7 +143,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     text = store.cached("user", prompt)
     print(f"== user {args.user}: generated reasoning ==\n{text if text is not None else missing}\n")
     if args.method == "r4ec" and text is not None:
-        hist, noun = kar.user_history_part(data, u), kar._noun(data)
+        hist, noun = kar.user_history_part(data, u), kar.item_noun(data)
         current = text
         for r in range(1, args.rounds + 1):
             critique = store.cached("reflect", P.reflect_prompt(hist, current, noun))

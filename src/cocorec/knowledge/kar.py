@@ -47,6 +47,7 @@ import torch
 from cocorec.knowledge import prompts as P
 from cocorec.knowledge.base import KnowledgeMethod, register_method, register_variant
 from cocorec.knowledge.hea import HybridExpertAdaptor
+from cocorec.knowledge.sources import LEAK, check_source, has_ratings, item_noun
 from cocorec.utils.io import atomic_write_json, cache_root, key_of
 
 __all__ = ["KarMethod", "KnowledgeStore", "R4ecMethod", "encoder_dim", "make_encoder", "make_lm",
@@ -95,10 +96,6 @@ def encoder_dim(name: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------ data -> prompts
-def _noun(data: Any) -> str:
-    return "movie" if str(getattr(data, "name", "")).startswith("ml-") else "item"
-
-
 def user_history(data: Any, user: int) -> list[tuple[str, Any, int]]:
     """``[(title, None, rating)]`` of the user's LM history, oldest first.
 
@@ -108,20 +105,16 @@ def user_history(data: Any, user: int) -> list[tuple[str, Any, int]]:
     return [(data.item_info[i]["title"], None, r) for i, r in data.llm_history(user)]
 
 
-def _has_ratings(data: Any) -> bool:
-    return bool(getattr(data, "meta", {}).get("has_ratings", True))
-
-
 def user_history_part(data: Any, user: int) -> str:
-    return P.user_history_part(data.user_profile[user], user_history(data, user), _has_ratings(data), _noun(data))
+    return P.user_history_part(data.user_profile[user], user_history(data, user), has_ratings(data), item_noun(data))
 
 
 def user_prompt(data: Any, user: int) -> str:
-    return P.user_prompt(data.user_profile[user], user_history(data, user), _has_ratings(data), _noun(data))
+    return P.user_prompt(data.user_profile[user], user_history(data, user), has_ratings(data), item_noun(data))
 
 
 def item_prompt(data: Any, item: int) -> str:
-    return P.item_prompt(data.item_info[item], _noun(data))
+    return P.item_prompt(data.item_info[item], item_noun(data))
 
 
 # ------------------------------------------------------------------------------------------ the store
@@ -269,7 +262,7 @@ class KnowledgeStore:
     def r4ec_chain(self, data: Any, users: Sequence[int], rounds: int) -> list[list[dict[str, str]]]:
         """Per user: ``[{"reasoning"}, {"reflection", "refined"} x rounds]`` (round 0 = KAR's reasoning)."""
         hist = [user_history_part(data, u) for u in users]
-        noun = _noun(data)
+        noun = item_noun(data)
         current = self.user_reasoning(data, users)
         chains = [[{"reasoning": c}] for c in current]
         for _ in range(int(rounds)):
@@ -348,19 +341,26 @@ class KarMethod(KnowledgeMethod):
     def __init__(self, lm: str = "smollm2", encoder: str = "minilm", max_new_tokens: int = 64,
                  batch_size: int = 32, item_batch_size: int = 64, hidden: tuple[int, ...] = (128, 32),
                  n_shared: int = 2, n_specific: int = 2, dropout: float = 0.0, standardize: bool = False,
-                 lm_device: str = "auto", lm_dtype: str = "auto", fields: str = "user,item") -> None:
+                 lm_device: str = "auto", lm_dtype: str = "auto", fields: str = "user,item", source: str = "lm",
+                 corrupt: float = 0.0) -> None:
         super().__init__()
+        check_source(self.name, source, corrupt)
+        self.source, self.corrupt = source, float(corrupt)
         self.fields = parse_fields(fields)
         self.cfg: dict[str, Any] = dict(lm=lm, encoder=encoder, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                         item_batch_size=item_batch_size, hidden=list(hidden), n_shared=n_shared,
                                         n_specific=n_specific, dropout=dropout, standardize=standardize,
-                                        lm_device=lm_device, lm_dtype=lm_dtype, fields=",".join(self.fields))
+                                        lm_device=lm_device, lm_dtype=lm_dtype, fields=",".join(self.fields),
+                                        source=source, corrupt=self.corrupt)
+        if source == "oracle":
+            self.cfg["leak"] = LEAK
         dim = encoder_dim(encoder)
         self.hea = HybridExpertAdaptor(dim, n_types=len(self.fields), n_shared=n_shared, n_specific=n_specific,
                                        hidden=tuple(hidden), dropout=dropout)
         self.register_buffer("user_vec", torch.zeros(0, dim))
         self.register_buffer("item_vec", torch.zeros(0, dim))
         self.knowledge_dims = self.hea.out_dims
+        self.knowledge_names = list(self.fields)
         self._info: dict[str, Any] = {}
 
     # -- knowledge -----------------------------------------------------------------------------
@@ -373,13 +373,22 @@ class KarMethod(KnowledgeMethod):
     def _user_vectors(self, store: KnowledgeStore, data: Any, users: Sequence[int]) -> np.ndarray:
         return store.user_vectors(data, users, "kar")
 
+    def _source_user_vectors(self, store: KnowledgeStore, data: Any) -> np.ndarray:
+        """Every user's vector under the run's source: the LM's reasoning of the history as the source
+        shows it (``lm``, ``shuffled``, corrupted histories), or the source's own text (``template``,
+        ``oracle``: no LM pass)."""
+        src = self.user_source(data)
+        if src.source in ("template", "oracle"):
+            return store.encode(src.user_texts())
+        return self._user_vectors(store, src.view(), list(range(data.n_users)))
+
     def prepare(self, data: Any, output_dir: Path | None = None) -> None:
         """Load (or generate) the knowledge of every user and item, encode it, keep the vectors as buffers."""
         t0 = time.perf_counter()
         store = self.store(log=print)
         dim = self.hea.in_dim
         empty = np.zeros((0, dim), np.float32)  # a field not used is never generated
-        u = self._user_vectors(store, data, list(range(data.n_users))) if "user" in self.fields else empty
+        u = self._source_user_vectors(store, data) if "user" in self.fields else empty
         if "item" in self.fields:
             i = store.item_vectors(data, list(range(1, data.spec.n_items)))
             i = np.concatenate([np.zeros((1, dim), np.float32), i])
@@ -393,7 +402,7 @@ class KarMethod(KnowledgeMethod):
         device = next(self.hea.parameters()).device
         self._set_vectors(torch.from_numpy(np.ascontiguousarray(u)).to(device),
                           torch.from_numpy(np.ascontiguousarray(i)).to(device))
-        self._info = {**store.identities(), "texts": store.stats, "seconds": {k: round(v, 1) for k, v in
+        self._info = {**store.identities(), "source": self.user_source(data).label, "texts": store.stats, "seconds": {k: round(v, 1) for k, v in
                                                                               store.seconds.items()},
                       "prepare_seconds": round(time.perf_counter() - t0, 1)}
         store.release()
@@ -455,11 +464,12 @@ class R4ecMethod(KarMethod):
     def __init__(self, lm: str = "smollm2", encoder: str = "minilm", max_new_tokens: int = 64,
                  batch_size: int = 32, item_batch_size: int = 64, hidden: tuple[int, ...] = (128, 32),
                  n_shared: int = 2, n_specific: int = 2, dropout: float = 0.0, standardize: bool = False,
-                 lm_device: str = "auto", lm_dtype: str = "auto", rounds: int = 1, fields: str = "user,item") -> None:
+                 lm_device: str = "auto", lm_dtype: str = "auto", rounds: int = 1, fields: str = "user,item",
+                 source: str = "lm", corrupt: float = 0.0) -> None:
         super().__init__(lm=lm, encoder=encoder, max_new_tokens=max_new_tokens, batch_size=batch_size,
                          item_batch_size=item_batch_size, hidden=hidden, n_shared=n_shared, n_specific=n_specific,
                          dropout=dropout, standardize=standardize, lm_device=lm_device, lm_dtype=lm_dtype,
-                         fields=fields)
+                         fields=fields, source=source, corrupt=corrupt)
         if rounds < 0:
             raise ValueError(f"rounds must be >= 0, got {rounds}")
         self.cfg["rounds"] = int(rounds)

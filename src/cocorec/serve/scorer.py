@@ -99,6 +99,7 @@ def load_scorer(run_dir: str | Path, data: CTRData | None = None, data_dir: str 
     cfg = read_json(ck / "config.json")
     spec = FeatureSpec(**cfg["spec"])
     method = build_method(cfg["method"], **cfg.get("method_args", {}))
+    method.bind(spec)
     model = build_model(cfg["backbone"], spec, knowledge_dims=cfg.get("knowledge_dims", []), **cfg.get("model", {}))
     tensors = load_safetensors(ck / "model.safetensors")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})

@@ -24,8 +24,9 @@ import torch
 
 from cocorec.config import ConfigError, apply_overrides, check_kwargs
 from cocorec.data.protocol import CTRData, ProtocolConfig, prepare
+from cocorec.eval.knowledge import knowledge_report, user_derangement
 from cocorec.eval.metrics import evaluate_predictions, group_metrics
-from cocorec.knowledge.base import METHODS, build_method, import_methods
+from cocorec.knowledge.base import METHODS, build_method, check_method_args, import_methods, method_label
 from cocorec.models import MODELS, build_model
 from cocorec.train.trainer import TrainConfig, Trainer
 from cocorec.utils.io import atomic_write_json, key_of, to_jsonable
@@ -51,6 +52,7 @@ class RunConfig:
     model: dict[str, Any] = field(default_factory=dict)        # backbone constructor kwargs
     method_args: dict[str, Any] = field(default_factory=dict)  # method constructor kwargs
     quiet: bool = False
+    label_keys: tuple[str, ...] = ()   # method settings named in the run's label (a grid entry's own settings)
 
     def with_overrides(self, sections: dict[str, dict[str, str]]) -> "RunConfig":
         """Apply ``section.key=value`` overrides; unknown sections/keys and wrong types are rejected."""
@@ -71,6 +73,7 @@ class RunConfig:
                 if factory is None:
                     raise ConfigError(f"unknown method {cfg.method!r}; one of {sorted(METHODS)}")
                 cfg = _replace(cfg, method_args={**cfg.method_args, **check_kwargs(factory, kv, f"method {cfg.method}")})
+                check_method_args(cfg.method, cfg.method_args)   # e.g. a bad source: an error before any data
             else:
                 raise ConfigError(f"unknown config section {section!r} (use train., protocol., model., method.)")
         return cfg
@@ -78,9 +81,13 @@ class RunConfig:
     def key(self) -> str:
         """Identity of the run's configuration (output/results paths and verbosity excluded)."""
         d = asdict(self)
-        for k in ("output", "results", "quiet", "data_dir", "download"):
+        for k in ("output", "results", "quiet", "data_dir", "download", "label_keys"):
             d.pop(k)
         return key_of(d)
+
+    def method_label(self) -> str:
+        """The method as reports name it: ``kar``, ``kar[source=oracle]`` (see :func:`method_label`)."""
+        return method_label(self.method, self.method_args, self.label_keys)
 
 
 def _replace(cfg: RunConfig, **kw: Any) -> RunConfig:
@@ -131,31 +138,44 @@ def append_result(path: str | Path, record: dict[str, Any]) -> None:
 def run(cfg: RunConfig, data: CTRData | None = None) -> dict[str, Any]:
     """Train and evaluate one (dataset, backbone, method, seed); write metrics.json; append a results line."""
     t_start = time.perf_counter()
+    check_method_args(cfg.method, cfg.method_args)
+    method = build_method(cfg.method, seed=cfg.seed, **cfg.method_args)   # bad settings fail before the data
     if data is None:
         data = prepare(cfg.dataset, cfg.protocol, data_dir=cfg.data_dir, download=cfg.download)
     seed_everything(cfg.seed)
-    train_cfg = _replace(cfg, train=apply_overrides(cfg.train, {"seed": cfg.seed})).train
-    method = build_method(cfg.method, **cfg.method_args)
-    # Methods with knowledge know their field sizes only after they are built.
+    train_cfg = cfg.train
+    method.bind(data.spec)
+    # Methods with knowledge know their field sizes only after they are built (and bound to the data).
     model = build_model(cfg.backbone, data.spec, knowledge_dims=method.knowledge_dims, **cfg.model)
     out = Path(cfg.output) if cfg.output else None
-    trainer = Trainer(model, method, data, train_cfg, output_dir=out, quiet=cfg.quiet, run_key=cfg.key())
+    trainer = Trainer(model, method, data, train_cfg, output_dir=out, quiet=cfg.quiet, run_key=cfg.key(),
+                      seed=cfg.seed)
     val = trainer.fit()
-    test_pred = trainer.predict("test")
+    test_pred = trainer.predict("test", keep_knowledge=True)
     test = evaluate_predictions(test_pred["label"], test_pred["prob"], test_pred["user"])
     metrics: dict[str, Any] = {"val": val, "test": test}
     metrics["groups"] = {"test": group_metrics(test_pred["label"], test_pred["prob"], test_pred["user"],
-                                               data.user_groups)}
+                                               {**data.user_groups, **method.user_groups()})}
+    diagnostics = method.diagnostics()
     if method.knowledge_dims:
-        # The same model without knowledge (zeroed fields): how much the knowledge itself contributes.
-        metrics["test_no_knowledge"] = trainer.evaluate("test", use_knowledge=False)
-    metrics["diagnostics"] = method.diagnostics()
+        # The same model without knowledge (zeroed fields), and with every test user reading another
+        # test user's knowledge: what the knowledge contributes, and what of it is about the user.
+        p0 = trainer.predict("test", use_knowledge=False)
+        metrics["test_no_knowledge"] = evaluate_predictions(p0["label"], p0["prob"], p0["user"])
+        if method.user_groups():   # e.g. corrupted vs clean users: the knowledge's effect inside each
+            metrics["groups"]["test_no_knowledge"] = group_metrics(p0["label"], p0["prob"], p0["user"],
+                                                                   method.user_groups())
+        perm = user_derangement(data.n_users, data.split_users("test"), cfg.seed)
+        metrics["test_knowledge_permuted"] = trainer.evaluate("test", user_perm=perm)
+        diagnostics["knowledge"] = _knowledge_diagnostics(model, method, test_pred)
+    metrics["diagnostics"] = diagnostics
     summary = trainer.summary()
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     summary["peak_memory_mb"] = round(peak_memory_mb(), 1)
     summary["machine"] = machine_info(trainer.device)
     metrics["train"] = summary
-    metrics["config"] = {"dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method, "seed": cfg.seed,
+    metrics["config"] = {"dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method,
+                         "variant": cfg.method_label(), "seed": cfg.seed,
                          "run_key": cfg.key(), "data_key": data.key, "protocol": asdict(cfg.protocol),
                          "train": asdict(train_cfg), "model": cfg.model, "method_args": cfg.method_args,
                          "method_config": method.config_dict()}
@@ -171,11 +191,27 @@ def run(cfg: RunConfig, data: CTRData | None = None) -> dict[str, Any]:
     if cfg.results:
         append_result(cfg.results, {
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "git_sha": git_sha(),
-            "dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method, "seed": cfg.seed,
-            "run_key": cfg.key(), "output": str(out) if out else None,
+            "dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method, "variant": cfg.method_label(),
+            "split_seed": cfg.protocol.split_seed, "seed": cfg.seed, "run_key": cfg.key(),
+            "output": str(out) if out else None,
             "config": metrics["config"], "metrics": {"val": val, "test": test,
-                                                    "test_no_knowledge": metrics.get("test_no_knowledge")},
+                                                    "test_no_knowledge": metrics.get("test_no_knowledge"),
+                                                    "test_knowledge_permuted": metrics.get("test_knowledge_permuted")},
             "groups": metrics["groups"], "diagnostics": metrics["diagnostics"],
             "machine": summary["machine"],
             "cost": {k: summary[k] for k in ("wall_seconds", "train_seconds", "samples_per_s", "peak_memory_mb")}})
     return metrics
+
+
+@torch.no_grad()
+def _knowledge_diagnostics(model: Any, method: Any, pred: dict[str, Any]) -> dict[str, Any]:
+    """Variance shares of the test split's knowledge fields, as the method outputs them and after the
+    backbone's knowledge projection (:func:`cocorec.eval.knowledge.knowledge_report`)."""
+    fields = pred.get("knowledge") or []
+    projected = []
+    for proj, k in zip(model.knowledge_proj, fields):
+        w = proj.weight.detach().float().cpu().numpy()
+        b = proj.bias.detach().float().cpu().numpy() if proj.bias is not None else 0.0
+        projected.append(k @ w.T + b)
+    names = list(getattr(method, "knowledge_names", None) or [f"field{i}" for i in range(len(fields))])
+    return knowledge_report(fields, projected, pred["user"], names)

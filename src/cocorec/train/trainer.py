@@ -49,7 +49,6 @@ class TrainConfig:
     embedding_l2: float = 0.0
     patience: int = 2                   # epochs without val-AUC gain before stopping
     grad_clip: float = 10.0
-    seed: int = 0
     device: str = "auto"                # auto | cpu | cuda
     amp: bool = True                    # bf16 autocast on CUDA (ignored on CPU)
     max_steps_per_epoch: int | None = None
@@ -103,8 +102,9 @@ class Trainer:
     """Fits ``model`` (a backbone) together with ``method`` (a knowledge plug-in) on ``data``."""
 
     def __init__(self, model: nn.Module, method: KnowledgeMethod, data: CTRData, config: TrainConfig,
-                 output_dir: str | Path | None = None, quiet: bool = False, run_key: str = "") -> None:
+                 output_dir: str | Path | None = None, quiet: bool = False, run_key: str = "", seed: int = 0) -> None:
         self.model, self.method, self.data, self.cfg = model, method, data, config
+        self.seed = int(seed)   # the run's seed: data order and the RNG state at fit
         self.output_dir = Path(output_dir) if output_dir else None
         self.quiet = quiet
         self.run_key = run_key  # identifies the run's config: resume only into the same run
@@ -153,7 +153,7 @@ class Trainer:
     # ------------------------------------------------------------------ fit
     def fit(self) -> dict[str, Any]:
         """Train with early stopping on validation AUC; restore and return the best model's val metrics."""
-        seed_everything(self.cfg.seed)
+        seed_everything(self.seed)
         self.method.prepare(self.data, self.output_dir)
         self._maybe_resume()
         n_train = self.data.split("train").n
@@ -168,7 +168,7 @@ class Trainer:
                        unit="batch", leave=False)
             logs_sum: dict[str, float] = {}
             n_samples = 0
-            batches = self.data.batches("train", self.cfg.batch_size, shuffle=True, seed=self.cfg.seed,
+            batches = self.data.batches("train", self.cfg.batch_size, shuffle=True, seed=self.seed,
                                         epoch=self.epoch)
             for i, batch in enumerate(batches):
                 if i >= steps:
@@ -229,22 +229,40 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def predict(self, split: str, use_knowledge: bool = True) -> dict[str, np.ndarray]:
-        """Probabilities for every sample of ``split``; with the knowledge zeroed if not ``use_knowledge``."""
+    def predict(self, split: str, use_knowledge: bool = True, user_perm: np.ndarray | None = None,
+                keep_knowledge: bool = False) -> dict[str, Any]:
+        """Probabilities for every sample of ``split``; with the knowledge zeroed if not ``use_knowledge``.
+
+        ``user_perm`` (``[n_users]``): the method reads the knowledge of user ``user_perm[u]`` for a
+        sample of user ``u`` (the backbone still sees ``u``'s own features): the knowledge permuted
+        across users. ``keep_knowledge``: also return the knowledge fields fed to the backbone
+        (``"knowledge"``: one ``[n, width]`` array per field).
+        """
         self.model.eval()
         self.method.eval()
-        probs = []
+        perm = torch.from_numpy(np.asarray(user_perm)) if user_perm is not None else None
+        probs, fields = [], []
         for batch in self.data.batches(split, self.cfg.eval_batch_size):
             batch = to_device(batch, self.device)
             with self._autocast():
-                knowledge = self.method(batch) if use_knowledge else None
+                if not use_knowledge:
+                    knowledge = None
+                else:
+                    seen = batch if perm is None else {**batch, "user": perm.to(batch["user"].device)[batch["user"]]}
+                    knowledge = self.method(seen)
                 logits = self.model(batch, knowledge)
             probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+            if keep_knowledge and knowledge is not None:
+                fields.append([k.float().cpu().numpy() for k in knowledge])
         s = self.data.split(split)
-        return {"prob": np.concatenate(probs) if probs else np.zeros(0, np.float32), "label": s.label, "user": s.user}
+        out: dict[str, Any] = {"prob": np.concatenate(probs) if probs else np.zeros(0, np.float32),
+                               "label": s.label, "user": s.user}
+        if keep_knowledge:
+            out["knowledge"] = [np.concatenate(f) for f in zip(*fields)] if fields else []
+        return out
 
-    def evaluate(self, split: str, use_knowledge: bool = True) -> dict[str, float]:
-        p = self.predict(split, use_knowledge)
+    def evaluate(self, split: str, use_knowledge: bool = True, user_perm: np.ndarray | None = None) -> dict[str, float]:
+        p = self.predict(split, use_knowledge, user_perm)
         return evaluate_predictions(p["label"], p["prob"], p["user"])
 
     # ------------------------------------------------------------------ checkpoints

@@ -1,0 +1,303 @@
+"""Knowledge sources: what a knowledge method knows about each user, with controls of known effect.
+
+Every knowledge method takes ``source`` (``--set method.source=NAME``) and ``corrupt``:
+
+* ``lm`` (default): the LM's own texts, written from the user's LM history (the first interactions
+  of each user, never CTR samples);
+* ``template``: a deterministic text of the same LM history (rating statistics, liked and disliked
+  genres and titles), no LM: what the history says, without the LM's reading of it;
+* ``oracle``: **a deliberate leak, for diagnostics only**: the user's label rate and per-genre
+  positive rates over the user's own CTR samples (test labels included for test users). It is the
+  upper bound of what a per-user knowledge vector can carry; a pipeline that cannot turn it into a
+  gain cannot be expected to turn anything weaker into one;
+* ``shuffled``: another user's knowledge (a seeded derangement of users): the knowledge of the
+  right *kind* for the wrong user.
+
+``corrupt=P`` inverts the source for a seeded ``round(P * n_users)`` users: ratings ``r -> 6 - r``
+in the history the LM (or the template) reads, rates ``x -> 1 - x`` in the oracle. Those users form
+the grouping ``corrupt`` (``corrupted`` / ``clean``) of the run's per-group metrics, which is how a
+judge's ability to find and remove contradicting knowledge is measured against ground truth.
+
+All draws (the corrupted users, the derangement) follow the run's seed and the split seed, so a
+source is deterministic per (dataset, split, seed).
+
+Example:
+    >>> check_source("kar", "oracle", 0.0)
+    >>> check_source("kar", "gpt", 0.0)
+    Traceback (most recent call last):
+    ...
+    cocorec.config.ConfigError: method kar: unknown source 'gpt' (one of lm, template, oracle, shuffled)
+    >>> check_source("r4ec", "oracle", 0.0)
+    Traceback (most recent call last):
+    ...
+    cocorec.config.ConfigError: method r4ec cannot take source 'oracle' (it takes lm, shuffled)
+    >>> derangement(5, np.random.default_rng(0)).tolist()
+    [2, 4, 3, 0, 1]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from cocorec.config import ConfigError
+
+__all__ = ["SOURCES", "LEAK", "UserSource", "check_source", "derangement", "has_ratings", "item_noun", "source_label"]
+
+#: Every source and what it is (the oracle's line names the leak wherever it is shown).
+SOURCES: dict[str, str] = {
+    "lm": "the LM's texts of the user's LM history",
+    "template": "a deterministic text of the user's LM history (no LM)",
+    "oracle": "LEAK (diagnostic only): the user's label rate and per-genre positive rates over their own samples",
+    "shuffled": "another user's knowledge (a seeded derangement of users)",
+}
+#: What the oracle leaks, recorded in the config of every run that uses it.
+LEAK = "oracle source: label rates of the user's own CTR samples, test labels included (a diagnostic leak)"
+
+#: Sources each method can take (a method not listed takes every source).
+METHOD_SOURCES: dict[str, tuple[str, ...]] = {
+    "r4ec": ("lm", "shuffled"),           # reflect and refine are LM passes over the LM's reasoning
+    "field": ("oracle", "template"),       # numeric vectors: no text, no LM
+}
+
+_LIKE_WORDS = ((0.2, "dislikes almost all of them"), (0.4, "dislikes most of them"), (0.6, "is mixed about them"),
+               (0.8, "likes most of them"), (1.01, "likes almost all of them"))
+
+
+def check_source(method: str, source: str, corrupt: float) -> None:
+    """Raise :class:`ConfigError` (one line) for an unknown source, a source the method cannot take,
+    or a corruption fraction outside [0, 1]."""
+    if source not in SOURCES:
+        raise ConfigError(f"method {method}: unknown source {source!r} (one of {', '.join(SOURCES)})")
+    allowed = next((v for k, v in METHOD_SOURCES.items() if method == k or method.startswith(k + "-")), tuple(SOURCES))
+    if source not in allowed:
+        raise ConfigError(f"method {method} cannot take source {source!r} (it takes {', '.join(allowed)})")
+    if not (isinstance(corrupt, (int, float)) and 0.0 <= float(corrupt) <= 1.0):
+        raise ConfigError(f"method {method}: corrupt must be a fraction in [0, 1] (got {corrupt!r})")
+
+
+def source_label(source: str, corrupt: float) -> str:
+    """``"lm"``, ``"oracle"``, ``"oracle+corrupt0.3"``: how a run's knowledge is named in reports."""
+    return source + (f"+corrupt{corrupt:g}" if corrupt else "")
+
+
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly drawn permutation of ``range(n)`` with no fixed point (``n >= 2``; identity for n < 2)."""
+    if n < 2:
+        return np.arange(n)
+    while True:  # rejection: about e tries on average
+        p = rng.permutation(n)
+        if not np.any(p == np.arange(n)):
+            return p
+
+
+def _rng(seed: int, split_seed: int, what: str) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(split_seed), sum(what.encode())])
+
+
+@dataclass
+class UserSource:
+    """The per-user knowledge source of one run: ``data`` (a :class:`~cocorec.data.protocol.CTRData`),
+    the source name, the corruption fraction and the run's seed.
+
+    ``knowledge_user[u]``: whose knowledge user ``u`` gets (``u`` itself unless ``shuffled``);
+    ``corrupted[u]``: whether user ``u``'s knowledge is inverted. Texts and vectors are built for
+    the user whose knowledge it is, inverted where ``corrupted`` says so.
+    """
+
+    data: Any
+    source: str = "lm"
+    corrupt: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigError(f"unknown source {self.source!r} (one of {', '.join(SOURCES)})")
+        n = self.data.n_users
+        split_seed = int(self.data.config.split_seed)
+        self.corrupted = np.zeros(n, dtype=bool)
+        n_bad = int(round(float(self.corrupt) * n))
+        if n_bad:
+            self.corrupted[_rng(self.seed, split_seed, "corrupt").choice(n, size=n_bad, replace=False)] = True
+        self.knowledge_user = (derangement(n, _rng(self.seed, split_seed, "shuffle")) if self.source == "shuffled"
+                               else np.arange(n))
+
+    @property
+    def label(self) -> str:
+        return source_label(self.source, self.corrupt)
+
+    def groups(self) -> dict[str, list[str]]:
+        """The grouping ``corrupt`` (per user: ``corrupted`` / ``clean``) when some users are corrupted."""
+        if not self.corrupt:
+            return {}
+        return {"corrupt": ["corrupted" if c else "clean" for c in self.corrupted]}
+
+    # ------------------------------------------------------------------ the LM history, as read
+    def history(self, u: int, corrupted: bool | None = None) -> list[tuple[int, int]]:
+        """(item, rating 1-5) of user ``u``'s LM history; ratings inverted (6 - r) when ``u`` is corrupted
+        (``corrupted``: override the run's draw)."""
+        h = self.data.llm_history(u)
+        bad = bool(self.corrupted[u]) if corrupted is None else corrupted
+        return [(i, 6 - r) for i, r in h] if bad else h
+
+    def _liked(self, rating: int) -> bool:
+        return rating >= min(5.0, float(self.data.config.positive_threshold))
+
+    # ------------------------------------------------------------------ texts
+    def view(self) -> "SourceData":
+        """The data as the LM sees it under this source: user ``u``'s profile, LM history and user
+        text are those of ``knowledge_user[u]``, ratings inverted where ``corrupted[u]``. Everything
+        else (splits, items, features) is the data's own."""
+        return SourceData(self)
+
+    def user_texts(self) -> list[str]:
+        """Per user, the text an LM reads as that user (CoCo's user text; KAR encodes it for
+        ``template`` and ``oracle``, which have no LM pass)."""
+        pairs = [(int(self.knowledge_user[u]), bool(self.corrupted[u])) for u in range(self.data.n_users)]
+        if self.source == "template":
+            return [self.template_text(v, c) for v, c in pairs]
+        if self.source == "oracle":
+            return [self.oracle_text(v, c) for v, c in pairs]
+        return self.view().user_text
+
+    def template_text(self, u: int, corrupted: bool | None = None) -> str:
+        """A deterministic summary of ``u``'s LM history: rating statistics, genres and titles."""
+        hist = self.history(u, corrupted)
+        noun = item_noun(self.data)
+        if not hist:
+            return f"No {noun}s rated yet."
+        info = self.data.item_info
+        r = np.array([x for _, x in hist], dtype=float)
+        liked = [self._liked(x) for _, x in hist]
+        n_liked = int(sum(liked))
+        parts = [f"Rated {len(hist)} {noun}s" + (f", mean rating {r.mean():.1f} of 5" if has_ratings(self.data)
+                                                   else "") + f"; liked {n_liked} ({100 * n_liked / len(hist):.0f}%)."]
+        pos: dict[str, int] = {}
+        neg: dict[str, int] = {}
+        for (i, _), ok in zip(hist, liked):
+            for t in info[i]["tags"]:
+                (pos if ok else neg)[t] = (pos if ok else neg).get(t, 0) + 1
+        for word, counts in (("Liked", pos), ("Disliked", neg)):
+            top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+            if top:
+                parts.append(f"{word} genres: " + ", ".join(f"{t} ({c})" for t, c in top) + ".")
+        order = np.argsort(-r, kind="stable")
+        best = [info[hist[j][0]]["title"] for j in order[:3] if liked[j]]
+        worst = [info[hist[j][0]]["title"] for j in order[::-1][:3] if not liked[j]]
+        if best:
+            parts.append("Liked: " + "; ".join(best) + ".")
+        if worst:
+            parts.append("Disliked: " + "; ".join(worst) + ".")
+        return " ".join(parts)
+
+    def oracle_text(self, u: int, corrupted: bool | None = None) -> str:
+        """LEAK: ``u``'s label rate and per-genre positive rates over their own samples, in words and numbers."""
+        rate, per_tag, counts = self._oracle(u, corrupted)
+        noun = item_noun(self.data)
+        word = next(w for cut, w in _LIKE_WORDS if rate < cut)
+        tags = self.data.meta["tag_vocab"]
+        top = [j for j in np.argsort(-counts, kind="stable") if counts[j] > 0][:6]
+        genre = ", ".join(f"{tags[j]} {100 * per_tag[j]:.0f}%" for j in top)
+        return (f"Of the {noun}s this user was shown, they liked {100 * rate:.0f}%: the user {word}."
+                + (f" Liked by genre: {genre}." if genre else ""))
+
+    # ------------------------------------------------------------------ vectors (the direct field)
+    def vectors(self) -> np.ndarray:
+        """``[n_users, D]`` numeric knowledge of ``oracle`` or ``template`` (raw, not standardised)."""
+        if self.source not in ("oracle", "template"):
+            raise ValueError(f"source {self.source!r} has no numeric vector (oracle and template do)")
+        f = self.oracle_vector if self.source == "oracle" else self.template_vector
+        return np.stack([f(int(self.knowledge_user[u]), bool(self.corrupted[u]))
+                         for u in range(self.data.n_users)]).astype(np.float32)
+
+    def oracle_vector(self, u: int, corrupted: bool | None = None) -> np.ndarray:
+        """[label rate, positive rate per genre] over ``u``'s samples (genre rates shrunk to the user's rate)."""
+        rate, per_tag, _ = self._oracle(u, corrupted)
+        return np.concatenate([[rate], per_tag])
+
+    def template_vector(self, u: int, corrupted: bool | None = None) -> np.ndarray:
+        """[mean rating / 5, rating std / 2, liked share, log history length, per genre: share of the
+        history, liked share (shrunk to the user's)] of ``u``'s LM history."""
+        hist = self.history(u, corrupted)
+        n_tags = len(self.data.meta["tag_vocab"])
+        if not hist:
+            return np.zeros(4 + 2 * n_tags)
+        r = np.array([x for _, x in hist], dtype=float)
+        liked = np.array([self._liked(x) for _, x in hist], dtype=float)
+        share, pos = np.zeros(n_tags), np.zeros(n_tags)
+        tags = self.data.item_tags.numpy()
+        for (i, _), ok in zip(hist, liked):
+            for t in tags[i]:
+                if t > 0:
+                    share[t - 1] += 1
+                    pos[t - 1] += ok
+        rate = liked.mean()
+        genre_rate = (pos + rate) / (share + 1.0)
+        head = [r.mean() / 5, r.std() / 2, rate, math.log1p(len(hist)) / math.log1p(30)]
+        return np.concatenate([head, share / len(hist), genre_rate])
+
+    # ------------------------------------------------------------------ helpers
+    @cached_property
+    def _sample_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every CTR sample of every split: (user, item, label)."""
+        sp = [self.data.split(s) for s in ("train", "val", "test")]
+        return (np.concatenate([s.user for s in sp]), np.concatenate([s.item for s in sp]),
+                np.concatenate([s.label for s in sp]))
+
+    def _oracle(self, u: int, corrupted: bool | None) -> tuple[float, np.ndarray, np.ndarray]:
+        users, items, labels = self._sample_table
+        m = users == u
+        y, it = labels[m].astype(float), items[m]
+        rate = float(y.mean()) if len(y) else 0.5
+        n_tags = len(self.data.meta["tag_vocab"])
+        counts, pos = np.zeros(n_tags), np.zeros(n_tags)
+        tags = self.data.item_tags.numpy()[it]            # [n, G]
+        for j in range(tags.shape[1]):
+            t = tags[:, j]
+            ok = t > 0
+            np.add.at(counts, t[ok] - 1, 1.0)
+            np.add.at(pos, t[ok] - 1, y[ok])
+        per_tag = (pos + rate) / (counts + 1.0)            # one pseudo-sample at the user's own rate
+        bad = bool(self.corrupted[u]) if corrupted is None else corrupted
+        if bad:
+            rate, per_tag = 1.0 - rate, 1.0 - per_tag
+        return rate, per_tag, counts
+
+
+def item_noun(data: Any) -> str:
+    """What the dataset's items are called in texts ("movie" on MovieLens)."""
+    return "movie" if str(getattr(data, "name", "")).startswith("ml-") else "item"
+
+
+def has_ratings(data: Any) -> bool:
+    return bool(getattr(data, "meta", {}).get("has_ratings", True))
+
+
+class SourceData:
+    """A :class:`~cocorec.data.protocol.CTRData` seen through a :class:`UserSource` (see
+    :meth:`UserSource.view`); attributes it does not override are the data's own."""
+
+    def __init__(self, src: UserSource) -> None:
+        self._src, self._data = src, src.data
+        who = src.knowledge_user
+        self.user_profile = [src.data.user_profile[int(v)] for v in who]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._data, name)
+
+    def llm_history(self, u: int) -> list[tuple[int, int]]:
+        return self._src.history(int(self._src.knowledge_user[u]), bool(self._src.corrupted[u]))
+
+    @cached_property
+    def user_text(self) -> list[str]:
+        from cocorec.data.protocol import user_text
+
+        d = self._data
+        if self._src.source == "lm" and not self._src.corrupted.any():
+            return list(d.user_text)
+        return [user_text(self.user_profile[u], [(d.item_info[i]["title"], r) for i, r in self.llm_history(u)],
+                          has_ratings(d)) for u in range(d.n_users)]

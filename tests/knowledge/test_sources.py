@@ -1,0 +1,144 @@
+"""Knowledge sources: deterministic draws, exact corruption, derangements, named leaks, distinct caches,
+one-line errors, and the direct-field method end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cocorec.cli import main
+from cocorec.data.protocol import ProtocolConfig
+from cocorec.knowledge.sources import LEAK, UserSource
+from cocorec.train.run import RunConfig, run
+from cocorec.train.trainer import TrainConfig
+from tests.conftest import write_generic
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_generic(tmp_path_factory.mktemp("sources-toy") / "toy", n_users=40, n_items=24, per_user=12, seed=7)
+
+
+@pytest.fixture(scope="module")
+def toy(cache_dir: Path, toy_dir: Path):
+    from cocorec.data import prepare
+
+    return prepare(str(toy_dir))
+
+
+def test_draws_are_deterministic_per_split_and_seed(toy, toy_dir):
+    from cocorec.data import prepare
+
+    def draw(data, seed):
+        s = UserSource(data, "shuffled", 0.3, seed=seed)
+        return s.knowledge_user.tolist(), s.corrupted.tolist()
+
+    assert draw(toy, 0) == draw(toy, 0)
+    assert draw(toy, 0) != draw(toy, 1)
+    other_split = prepare(str(toy_dir), ProtocolConfig(split_seed=7))
+    assert draw(other_split, 0) != draw(toy, 0)
+    assert UserSource(toy, "oracle", seed=3).user_texts() == UserSource(toy, "oracle", seed=3).user_texts()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.3, 0.5, 1.0])
+def test_corrupt_marks_exactly_round_p_users(toy, p):
+    s = UserSource(toy, "template", p, seed=2)
+    assert int(s.corrupted.sum()) == round(p * toy.n_users)
+    groups = s.groups()
+    if p == 0:
+        assert groups == {}
+    else:
+        assert groups["corrupt"].count("corrupted") == round(p * toy.n_users) and len(groups["corrupt"]) == toy.n_users
+
+
+def test_shuffled_is_a_derangement_of_whole_users(toy):
+    s = UserSource(toy, "shuffled", seed=5)
+    perm = s.knowledge_user
+    assert sorted(perm.tolist()) == list(range(toy.n_users)) and not np.any(perm == np.arange(toy.n_users))
+    view = s.view()
+    for u in range(toy.n_users):
+        assert view.user_text[u] == toy.user_text[perm[u]]
+        assert view.user_profile[u] == toy.user_profile[perm[u]] and view.llm_history(u) == toy.llm_history(perm[u])
+    assert view.split("train") is toy.split("train")          # everything else is the data's own
+
+
+def test_corruption_inverts_what_is_read(toy):
+    s = UserSource(toy, "oracle", 0.5, seed=0)
+    clean = UserSource(toy, "oracle", 0.0, seed=0)
+    bad = np.flatnonzero(s.corrupted)
+    good = np.flatnonzero(~s.corrupted)
+    v, ref = s.vectors(), clean.vectors()
+    np.testing.assert_allclose(v[bad], 1.0 - ref[bad], atol=1e-6)
+    np.testing.assert_array_equal(v[good], ref[good])
+    u = int(bad[0])
+    assert s.history(u) == [(i, 6 - r) for i, r in toy.llm_history(u)]
+    lm_view = UserSource(toy, "lm", 0.5, seed=0).view()
+    assert lm_view.llm_history(u) == s.history(u) and lm_view.user_text[u] != toy.user_text[u]
+    assert lm_view.user_text[int(good[0])] == toy.user_text[int(good[0])]
+    tmpl = UserSource(toy, "template", 0.5, seed=0)
+    assert tmpl.user_texts()[u] == tmpl.template_text(u, corrupted=True) != tmpl.template_text(u, corrupted=False)
+
+
+def test_the_oracle_leak_is_named_in_every_config(toy):
+    from cocorec.knowledge.base import build_method
+
+    for name, kw in (("kar", dict(lm="tiny", encoder="tiny")), ("field", {}), ("coco", dict(lm="tiny"))):
+        assert build_method(name, source="oracle", **kw).config_dict()["leak"] == LEAK
+        assert "leak" not in build_method(name, source="template", **kw).config_dict()
+
+
+def test_cache_keys_differ_per_source_and_corruption(toy, tmp_path):
+    """KAR encodes (and caches by content) a different text per source; CoCo's shared user-text KV is
+    keyed by the token ids the LM reads, so each source and corruption gets its own entries."""
+    from cocorec.coco.kvcache import UserTextKVCache
+    from cocorec.knowledge.lm import tiny_lm
+
+    texts = {(src, p): UserSource(toy, src, p, seed=0).user_texts()
+             for src in ("lm", "template", "oracle", "shuffled") for p in (0.0, 0.3)}
+    assert len({tuple(t) for t in texts.values()}) == len(texts)
+    lm = tiny_lm()
+    dirs = {k: UserTextKVCache.from_texts(lm, t, storage="disk", dtype="float32", shared_dir=tmp_path / "kv").shared_dir
+            for k, t in list(texts.items())[:3]}
+    assert len(set(dirs.values())) == 3
+
+
+@pytest.mark.parametrize("method, setting, message", [
+    ("kar", "method.source=gpt", "unknown source 'gpt'"),
+    ("kar", "method.corrupt=1.5", "corrupt must be a fraction in [0, 1]"),
+    ("coco", "method.corrupt=-0.1", "corrupt must be a fraction in [0, 1]"),
+    ("r4ec", "method.source=oracle", "method r4ec cannot take source 'oracle'"),
+    ("field", "method.source=lm", "method field cannot take source 'lm'"),
+])
+def test_bad_sources_are_one_line_errors_before_any_data(method, setting, message, tmp_path, capsys):
+    # the dataset does not exist: the error must come from the setting, before any data is read
+    code = main(["train", "--dataset", str(tmp_path / "no-such-data"), "--method", method, "--set", setting])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_field_method_carries_a_per_user_vector_and_permuting_it_is_measured(toy, tmp_path):
+    cfg = RunConfig(dataset="toy", backbone="deepfm", method="field", seed=0, output=str(tmp_path / "run"),
+                    results=str(tmp_path / "results.jsonl"), quiet=True,
+                    train=TrainConfig(epochs=2, batch_size=64, threads=1), model={"hidden_units": (16,)},
+                    method_args={"source": "template", "corrupt": 0.25})
+    metrics = run(cfg, data=toy)
+    for k in ("test", "test_no_knowledge", "test_knowledge_permuted"):
+        assert 0.0 <= metrics[k]["auc"] <= 1.0
+    k = metrics["diagnostics"]["knowledge"]
+    assert k["within_user_variance_share"] == pytest.approx(0.0, abs=1e-9)        # one vector per user
+    assert k["between_user_variance_share"] + k["constant_share"] == pytest.approx(1.0)
+    assert set(k["fields"]["user"]) == {"method_output", "after_projection"}
+    groups = metrics["groups"]
+    assert set(groups["test"]["corrupt"]) <= {"corrupted", "clean"} and "corrupt" in groups["test_no_knowledge"]
+    line = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
+    assert line["variant"] == "field[corrupt=0.25,source=template]" and line["split_seed"] == 42
+    assert line["metrics"]["test_knowledge_permuted"]["auc"] == metrics["test_knowledge_permuted"]["auc"]
+    # the vectors travel in the checkpoint: the scorer reproduces the run's test AUC without the source
+    from cocorec.eval.metrics import auc
+    from cocorec.serve import load_scorer
+
+    probs = load_scorer(tmp_path / "run", data=toy).score_split("test")
+    assert auc(toy.split("test").label, probs) == pytest.approx(metrics["test"]["auc"], abs=1e-6)
