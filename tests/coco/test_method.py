@@ -213,3 +213,30 @@ def test_same_seed_same_coco_run_and_the_judge_sees_corrupted_users(toy_data, tm
     assert 0.0 <= judge["corrupt_user_auroc"] <= 1.0 and set(judge["by_group"]) == {"corrupted", "clean"}
     assert 0.0 <= judge["helps_rate"] <= 1.0 and "p50" in judge["per_user_contradiction_rate"]
     assert set(a["groups"]["test"]["corrupt"]) <= {"corrupted", "clean"}
+
+
+@pytest.mark.parametrize("bank", ["states", "knowledge"])
+def test_a_bank_of_states_trains_the_readout_on_users_the_lm_did_not_run(toy_data, bank):
+    """No live user: with a bank of prompt states the read-out still runs (and learns) on every user of
+    the batch; with a bank of knowledge vectors it gets no gradient at all."""
+    tr, m, model = _setup(toy_data, bank=bank, lm_users_per_step=0, knowledge_dropout=0.0)
+    loss, logs = m.training_loss(model, _batch(toy_data, tr), 1)
+    assert logs["live_users"] == 0.0
+    tr.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad for p in m.readout.parameters()]
+    if bank == "states":
+        assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    else:
+        assert all(g is None or g.abs().sum() == 0 for g in grads)
+    assert m.bank.fills == 1 and not m.bank.stale(m._bank_key())
+
+
+def test_static_is_one_knowledge_vector_for_every_user(toy_data):
+    tr, m, model = _setup(toy_data, method="static")
+    batch = _batch(toy_data, tr, n=200)
+    with torch.no_grad():
+        k = m(batch)[0]
+    assert len(torch.unique(batch["user"])) > 5
+    torch.testing.assert_close(k, k[:1].expand_as(k))
+    assert m.user_text == "none"

@@ -421,13 +421,8 @@ class UserTextKVCache:
             raise RuntimeError("gather() of users not built for this version; call ensure() first")
         dev = self.lm.device
         dtype = dtype or self.lm.dtype
-        lengths = self.lengths[users_np]
-        m, width = len(users_np), int(lengths.max())
-        steps = np.arange(width)
-        real = steps[None, :] < lengths[:, None]                             # [m, width]
-        # padding reads the user's first row (then zeroed): one gather per store, no per-user copies
-        rows = self.offsets[users_np][:, None] + np.where(real, steps[None, :], 0)
-        real_t = torch.from_numpy(real).to(dev)
+        rows, real_t = self._padded_rows(users_np)
+        m, width = rows.shape
         kv = slot.kv.read_rows(rows).to(dev, non_blocking=True).masked_fill_(~real_t[..., None], 0)
         # [m, width, layers, 2, kvh, hd] -> [layers, 2, m, kvh, width, hd] and the LM's dtype in one copy;
         # each layer's key and value are then contiguous views of one fresh tensor
@@ -438,6 +433,30 @@ class UserTextKVCache:
         if slot.hidden is not None:
             hid = slot.hidden.read_rows(rows).to(dev, non_blocking=True).masked_fill_(~real_t[..., None], 0).to(dtype)
         return layers, hid, real_t.long()
+
+    def text_states(self, users: Sequence[int] | torch.Tensor, version: Any = BASE,
+                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text's last-layer hidden states ``[M, T, H]`` (right-padded, zeros on padding) and mask ``[M, T]``,
+        without the keys and values (what a read-out over the text needs for users whose LM pass is not
+        rerun)."""
+        if not self.keep_hidden:
+            raise RuntimeError("this cache keeps no hidden states (keep_hidden=False)")
+        users_np = np.asarray(users.cpu() if torch.is_tensor(users) else users, dtype=np.int64).reshape(-1)
+        self.ensure(users_np, version)
+        rows, real_t = self._padded_rows(users_np)
+        hid = self._slot(version).hidden.read_rows(rows).to(self.lm.device, non_blocking=True)
+        return hid.masked_fill_(~real_t[..., None], 0).to(dtype or self.lm.dtype), real_t.long()
+
+    def _padded_rows(self, users: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """Store rows ``[M, T]`` of each user's tokens, right-padded, and the mask of real tokens.
+
+        Padding reads the user's first row (zeroed by the caller): one gather per store, no per-user copies.
+        """
+        lengths = self.lengths[users]
+        steps = np.arange(int(lengths.max()))
+        real = steps[None, :] < lengths[:, None]
+        rows = self.offsets[users][:, None] + np.where(real, steps[None, :], 0)
+        return rows, torch.from_numpy(real).to(self.lm.device)
 
     # ------------------------------------------------------------------ LM passes
     def suffix_hidden(self, users: Sequence[int] | torch.Tensor, suffix: torch.Tensor, version: Any = BASE

@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cocorec.coco.bank import BANK_KINDS, UserBank
 from cocorec.coco.codebook import VQCodebook, perplexity
 from cocorec.coco.judge import (COLLABORATION, CONTRADICTION, PhaseScheduler, UserJudgeStats, contradiction_mask,
                                 helps_mask)
@@ -76,7 +77,10 @@ from cocorec.knowledge.base import KnowledgeMethod, register_method, register_va
 from cocorec.knowledge.sources import LEAK, check_source
 from cocorec.utils.io import cache_root
 
-__all__ = ["CoCo"]
+__all__ = ["CoCo", "NO_USER_TEXT"]
+
+#: The text every user gets when a method reads none of theirs (``static``).
+NO_USER_TEXT = "A user."
 
 
 def resolve_lm_dtype(dtype: str, device: torch.device) -> str:
@@ -150,6 +154,8 @@ class CoCo(KnowledgeMethod):
         guard_margin: float = 0.005,
         guard_min_samples: int = 200,
         query_backbone_grad: bool = False,
+        bank: str = "states",
+        user_text: str = "own",
         source: str = "lm",
         corrupt: float = 0.0,
     ) -> None:
@@ -173,6 +179,11 @@ class CoCo(KnowledgeMethod):
         self.use_judge, self.delta = judge, delta
         self.lora_rank, self.lora_alpha, self.lora_lr = lora_rank, lora_alpha, lora_lr
         self.lora_targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+        if bank not in BANK_KINDS:
+            raise ValueError(f"bank must be one of {BANK_KINDS} (got {bank!r})")
+        if user_text not in ("own", "none"):
+            raise ValueError(f"user_text must be 'own' (each user's text) or 'none' (no user text) (got {user_text!r})")
+        self.bank_kind, self.user_text = bank, user_text
         if lora_scope not in ("all", "suffix"):
             raise ValueError(f"lora_scope must be 'all' or 'suffix' (got {lora_scope!r})")
         self.lora_scope = lora_scope
@@ -194,7 +205,7 @@ class CoCo(KnowledgeMethod):
         self._prepared = False
         self._lora: dict[str, nn.Parameter] = {}
         self._lora_override: list[torch.Tensor] | None = None
-        self._bank_fp: Any = None          # (LoRA fingerprint, param version) the bank was filled with
+        self._text_version: Any = BASE     # the LM version of the cached text states the bank was filled with
         self.n_lora_updates = 0
         self._epoch_rates: list[float] = []
         self.rate_by_epoch: list[float] = []
@@ -284,12 +295,14 @@ class CoCo(KnowledgeMethod):
         self._train_users = torch.from_numpy(data.split_users("train")).long()
         self._fixed_codes = torch.randint(0, self.codebook_size, (n_users,),
                                           generator=torch.Generator().manual_seed(self.seed + 1)).to(dev)
-        # Guard groups (sorted labels; users without a label share "unknown").
+        # Guard groups (sorted labels; users without a label share "unknown"). The run's own groupings
+        # (``corrupt``: the users whose source it inverted) can be guarded too.
+        groupings = {**data.user_groups, **self.user_source(data).groups()}
         grouping = self.guard_grouping
-        if grouping not in data.user_groups:   # e.g. a dataset with other profile columns: first combined grouping
+        if grouping not in groupings:   # e.g. a dataset with other profile columns: first combined grouping
             grouping = next((g for g in data.user_groups if " x " in g), next(iter(data.user_groups), "all"))
         self.guard_grouping_used = grouping
-        labels = list(data.user_groups.get(grouping, ["all"] * n_users))
+        labels = list(groupings.get(grouping, ["all"] * n_users))
         self.guard_groups = sorted(set(labels))
         index = {g: i for i, g in enumerate(self.guard_groups)}
         self._user_group = torch.tensor([index[g] for g in labels], dtype=torch.long, device=dev)
@@ -297,11 +310,12 @@ class CoCo(KnowledgeMethod):
             self._guard_enabled = torch.ones(len(self.guard_groups), dtype=torch.bool, device=dev)
         max_tokens = min(self.max_text_tokens, self.lm.max_context - self.prompt_len)
         shared = cache_root() / "coco-kv" if self.kv_shared else None
-        self.kv = UserTextKVCache.from_texts(self.lm, self.user_source(data).user_texts(), max_tokens=max_tokens,
-                                             directory=self.kv_dir,
+        # ``static`` reads no user text: every user gets the same text, hence one knowledge vector
+        texts = self.user_source(data).user_texts() if self.user_text == "own" else [NO_USER_TEXT] * n_users
+        self.kv = UserTextKVCache.from_texts(self.lm, texts, max_tokens=max_tokens, directory=self.kv_dir,
                                              shared_dir=shared, **self.kv_cfg)  # type: ignore[arg-type]
-        self._bank = torch.zeros(n_users, self.knowledge_dim, device=dev)
-        self._bank_fp = None
+        shape = (self.prompt_len, self.lm.hidden_size) if self.bank_kind == "states" else (self.knowledge_dim,)
+        self.bank = UserBank(n_users, shape, device=dev)
         if getattr(self, "judge_stats", None) is None or self.judge_stats.counts.shape[1] != n_users:
             self.judge_stats = UserJudgeStats(n_users)
         if self.use_vq and not bool(self.keys_initialised):
@@ -331,6 +345,13 @@ class CoCo(KnowledgeMethod):
     def _bank_key(self) -> tuple[float, ...]:
         return fingerprint(self.lora_parameters)
 
+    def _text_states(self, users: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Cached text states of ``users`` under the LM version the bank was filled with (never a rebuild
+        inside a contradiction phase), or (None, None) when the read-out does not look at the text."""
+        if not self.readout_over_text:
+            return None, None
+        return self.kv.text_states(users.cpu(), self._text_version)
+
     def _query(self, users: torch.Tensor) -> torch.Tensor:
         """q_u from the backbone's embeddings of the user's LM-history items (+ ratings) and profile."""
         bb = self.backbone
@@ -358,21 +379,21 @@ class CoCo(KnowledgeMethod):
     def _read(self, h_prompt: torch.Tensor, h_text: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
         return self.readout(h_prompt, h_text if self.readout_over_text else None, mask).float()
 
-    def _knowledge_cached(self, users: torch.Tensor, prompts: torch.Tensor, version: Any = None) -> torch.Tensor:
-        """``version``: the LM version when the caller already has it (it fingerprints every adapter)."""
+    def _prompt_states(self, users: torch.Tensor, prompts: torch.Tensor, full: bool = False,
+                       version: Any = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The LM's states at the soft-prompt positions after each user's text (+ the text's states and
+        mask): by the cached suffix pass, or by a full pass (``full``: gradients reach every adapter).
+        ``version``: the LM version when the caller already has it (it fingerprints every adapter)."""
         t0 = time.perf_counter()
-        version = self.lm_version() if version is None else version
-        h_p, h_t, mask = self.kv.suffix_hidden(users.cpu(), prompts, version=version)
-        k = self._read(h_p, h_t, mask)
-        self.timing["lm_suffix_s"] += time.perf_counter() - t0
-        return k
+        if full:
+            out = self.kv.full_hidden(users.cpu(), prompts)
+        else:
+            out = self.kv.suffix_hidden(users.cpu(), prompts, version=self.lm_version() if version is None else version)
+        self.timing["lm_full_s" if full else "lm_suffix_s"] += time.perf_counter() - t0
+        return out
 
-    def _knowledge_full(self, users: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        t0 = time.perf_counter()
-        h_p, h_t, mask = self.kv.full_hidden(users.cpu(), prompts)
-        k = self._read(h_p, h_t, mask)
-        self.timing["lm_full_s"] += time.perf_counter() - t0
-        return k
+    def _knowledge_cached(self, users: torch.Tensor, prompts: torch.Tensor, version: Any = None) -> torch.Tensor:
+        return self._read(*self._prompt_states(users, prompts, version=version))
 
     def user_knowledge(self, users: torch.Tensor, apply_guard: bool = True) -> torch.Tensor:
         """k_u of ``users`` [M, knowledge_dim] with the current weights (chunked; grad only if enabled)."""
@@ -391,13 +412,29 @@ class CoCo(KnowledgeMethod):
 
     @torch.no_grad()
     def refresh_bank(self, users: torch.Tensor | None = None) -> None:
-        """Recompute the bank's k_u for ``users`` (default: every training user) with the current weights."""
+        """Recompute the bank (prompt states or k_u) of ``users`` (default: every training user)."""
         t0 = time.perf_counter()
-        users = self._train_users if users is None else users
-        self._bank[users.to(self.device)] = self.user_knowledge(users, apply_guard=False)
-        self._bank_fp = self._bank_key()
+        users = (self._train_users if users is None else users).to(self.device)
+        version = self.lm_version()
+        self.kv.ensure(users.cpu(), version)   # all at once: length-sorted batches
+        for start in range(0, len(users), self.lm_batch_users):
+            u = users[start:start + self.lm_batch_users]
+            _, prompts, _, _ = self._codes_and_prompts(u, record=False)
+            h_p, h_t, mask = self._prompt_states(u, prompts, version=version)
+            self.bank.put(u, h_p if self.bank_kind == "states" else self._read(h_p, h_t, mask))
+        self._text_version = version
+        self.bank.mark(self._bank_key())
         self.timing["bank_refresh_s"] += time.perf_counter() - t0
         self.timing["bank_refreshes"] += 1
+
+    def _banked_knowledge(self, users: torch.Tensor, text: tuple[torch.Tensor | None, torch.Tensor | None],
+                          live: torch.Tensor | None = None, fresh: torch.Tensor | None = None) -> torch.Tensor:
+        """k of ``users`` from the bank, rows ``live`` replaced by ``fresh`` (prompt states or k, with
+        their gradient). With a bank of states the read-out runs now, on every user."""
+        rows = self.bank.rows(users, live, fresh)
+        if self.bank_kind == "knowledge":
+            return rows.float()
+        return self._read(rows, *text)
 
     # ------------------------------------------------------------------ evaluation
     def forward(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
@@ -457,13 +494,16 @@ class CoCo(KnowledgeMethod):
         self._lora_override = None
         # The bank is refilled when the adapters changed - after a contradiction phase, never
         # inside one (each refill reads every training user's text cache: a full rebuild there).
-        if self.scheduler.phase == COLLABORATION and (self._bank_fp is None or self._bank_fp != self._bank_key()):
+        if self.scheduler.phase == COLLABORATION and self.bank.stale(self._bank_key()):
             self.refresh_bank()
         dev = self.device
         users = batch["user"].to(dev)
         y = batch["label"].to(dev).float()
         uniq, inv = torch.unique(users, return_inverse=True)
-        c_mask, h_mask = self._judge(model, batch, self._bank[users])
+        text = self._text_states(uniq) if self.bank_kind == "states" else (None, None)
+        with torch.no_grad():   # the judge reads the knowledge the bank gives now
+            k_judge = self._banked_knowledge(uniq, text)
+        c_mask, h_mask = self._judge(model, batch, k_judge[inv])
         self.judge_stats.add(users, c_mask, h_mask)
         rate = float(c_mask.float().mean())
         phase = self.scheduler.phase
@@ -481,14 +521,15 @@ class CoCo(KnowledgeMethod):
         else:
             live_users = self._pick(uniq, self.lm_users_per_step)
         live_idx = torch.searchsorted(uniq, live_users)
-        if len(live_users) == 0:
-            k_live = torch.zeros(0, self.knowledge_dim, device=dev)
-        elif contradiction_step and self.lora_scope == "all":
-            k_live = self._knowledge_full(live_users, prompts[live_idx])
+        if len(live_users):
+            h_p, h_t, mask = self._prompt_states(live_users, prompts[live_idx],
+                                                 full=contradiction_step and self.lora_scope == "all")
+            fresh = h_p if self.bank_kind == "states" else self._read(h_p, h_t, mask)
+            self.bank.put(live_users, fresh)
+            k_uniq = self._banked_knowledge(uniq, text, live_idx, fresh)
         else:
-            k_live = self._knowledge_cached(live_users, prompts[live_idx])
-        self._bank[live_users] = k_live.detach()
-        k_uniq = self._bank[uniq].index_copy(0, live_idx, k_live) if len(live_users) else self._bank[uniq]
+            k_uniq = self._banked_knowledge(uniq, text)
+        k_live = k_uniq[live_idx]
         k_rows = k_uniq[inv]
         logits = model(batch, [k_rows * keep.unsqueeze(-1).to(k_rows.dtype)]).float()
         bce_rows = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
@@ -499,7 +540,7 @@ class CoCo(KnowledgeMethod):
                 "contradiction_rate": rate, "live_users": float(len(live_users))}
 
         if contradiction_step:
-            live_row = torch.zeros(len(self._bank), dtype=torch.bool, device=dev)
+            live_row = torch.zeros(self.bank.table.shape[0], dtype=torch.bool, device=dev)
             live_row[live_users] = True
             rows_c = c_mask & keep & live_row[users]
             n_c = int(rows_c.sum())
@@ -520,6 +561,8 @@ class CoCo(KnowledgeMethod):
     # ------------------------------------------------------------------ hooks
     def on_epoch_end(self, epoch: int) -> None:
         self.scheduler.end_phase()     # a phase never spans an evaluation (the caches are rebuilt first)
+        if self.bank_kind == "states" and self._prepared:
+            self.bank.invalidate()     # prompt states age with the prompts: refilled at the next epoch's start
         for p in self._lora.values():
             p.requires_grad_(False)
         if self._epoch_rates:
@@ -610,7 +653,8 @@ class CoCo(KnowledgeMethod):
                     self.judge_stats.counts = state["judge/user_counts"].cpu().double().clone()
             if extra.get("guard_report"):
                 self.guard_report = extra["guard_report"]
-        self._bank_fp = None    # weights changed: the bank is refreshed at the next training step
+        if getattr(self, "bank", None) is not None:
+            self.bank.invalidate()    # weights changed: the bank is refreshed at the next training step
 
     # ------------------------------------------------------------------ reporting
     @torch.no_grad()
@@ -669,5 +713,9 @@ def _variant(name: str, doc: str, **fixed: Any) -> type[CoCo]:
 
 CoCoNoVQ = _variant("coco-novq", "CoCo with a random fixed code per user (no query, no VQ).", vq=False)
 CoCoNoJudge = _variant("coco-nojudge", "CoCo without contradiction elimination (frozen LM, no LoRA).", judge=False)
-StaticPrompt = _variant("static", "One learnable soft prompt shared by every user (the static template).",
-                        codebook_size=1, vq=False, judge=False, guard=False)
+StaticPrompt = _variant("static", "One learnable soft prompt and no user text: one knowledge vector for every "
+                        "user (the static template, not personalised).", codebook_size=1, vq=False, judge=False,
+                        guard=False, user_text="none")
+CoCoOnePrompt = _variant("coco-oneprompt", "One learnable soft prompt shared by every user, reading each user's "
+                         "own text (no codebook, no judge, no guard).", codebook_size=1, vq=False, judge=False,
+                         guard=False)

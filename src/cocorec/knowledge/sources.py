@@ -62,6 +62,7 @@ LEAK = "oracle source: label rates of the user's own CTR samples, test labels in
 METHOD_SOURCES: dict[str, tuple[str, ...]] = {
     "r4ec": ("lm", "shuffled"),           # reflect and refine are LM passes over the LM's reasoning
     "field": ("oracle", "template"),       # numeric vectors: no text, no LM
+    "static": ("lm",),                     # reads no user text: one knowledge vector for everyone
 }
 
 _LIKE_WORDS = ((0.2, "dislikes almost all of them"), (0.4, "dislikes most of them"), (0.6, "is mixed about them"),
