@@ -61,3 +61,18 @@ def test_phase_decided_on_an_epochs_last_step_is_not_lost():
     assert s.observe(0.5) == "start"             # no cooldown: it starts again at once
     s.observe(0.5)
     assert s.end_phase() == "end" and s.n_phases == 1   # a phase cut short by an epoch's end still counts
+
+
+def test_user_judge_stats_separate_corrupted_users_by_each_side_and_both():
+    from cocorec.coco.judge import UserJudgeStats
+
+    s = UserJudgeStats(4)
+    users = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    # users 0 and 1 are corrupted: hurt once (user 0) or never helped (user 1); clean users are helped
+    hurt = torch.tensor([True, False, False, False, False, False, False, False])
+    helped = torch.tensor([False, False, False, False, True, True, True, False])
+    s.add(users, hurt, helped)
+    out = s.summary(["corrupted", "corrupted", "clean", "clean"])
+    assert out["corrupt_user_auroc_helps"] == 1.0 and out["corrupt_user_auroc_net"] == 1.0
+    assert out["corrupt_user_auroc"] == 0.75      # user 1 is hurt no more often than the clean users
+    assert out["by_group"]["corrupted"]["users"] == 2

@@ -71,7 +71,7 @@ class UserJudgeStats:
     def summary(self, groups: list[str] | None = None) -> dict[str, Any]:
         """Rates over the judged users (sample-weighted and per-user quantiles); with ``groups`` (per
         user ``corrupted`` / ``clean``) the rates per group and the AUROC of each per-user rate at
-        telling corrupted users from clean ones."""
+        telling corrupted users from clean ones (``_net``: contradiction rate minus helps rate)."""
         from cocorec.eval.metrics import auc
 
         judged = self.counts[0] > 0
@@ -94,6 +94,8 @@ class UserJudgeStats:
                                for k in ("corrupted", "clean") if (g == k).any()}
             out["corrupt_user_auroc"] = auc(bad, c[judged].numpy())
             out["corrupt_user_auroc_helps"] = auc(1.0 - bad, h[judged].numpy())
+            # both sides at once: corrupted users are hurt more often *and* helped less often
+            out["corrupt_user_auroc_net"] = auc(bad, (c - h)[judged].numpy())
         return out
 
 
