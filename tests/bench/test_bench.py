@@ -92,14 +92,18 @@ def test_shipped_grids_load() -> None:
     from cocorec.bench.grid import available_methods
 
     grids = {n: load_grid(REPO / "bench" / f"{n}.yaml")
-             for n in ("quick", "full", "ci", "ml100k-din-dcnv2", "ml100k-kar-fields", "controls")}
+             for n in ("quick", "full", "ci", "ml100k-din-dcnv2", "ml100k-kar-fields", "controls",
+                                        "coco-controls")}
     assert len(expand_grid(grids["ml100k-din-dcnv2"], out_dir="x")) == 126
     full = grids["full"]
     assert full.datasets == ["ml-100k", "ml-1m-3k"] and full.seeds == [0, 1, 2] and len(full.backbones) == 6
-    assert set(full.methods) == available_methods()[0] - {"field"}       # every method (field is a control)
+    # every method but the control (field) and the one-prompt ablation (coco-oneprompt: the old static)
+    assert set(full.methods) == available_methods()[0] - {"field", "coco-oneprompt"}
     controls = expand_grid(grids["controls"], out_dir="z")
     assert len(controls) == 7 * 2 * 9 and {p.split_seed for p in controls} == {42, 43, 44}
     assert {p.method for p in controls} >= {"field[source=oracle]", "kar[source=shuffled]", "kar"}
+    cc = {p.method for p in expand_grid(grids["coco-controls"], out_dir="c")}
+    assert {"coco[corrupt=0.3,source=oracle]", "coco-nojudge[corrupt=0.3,source=oracle]", "static"} <= cc
     # the kar-fields grid shares its base and kar runs with the full grid (same run keys)
     fk = {(p.backbone, p.method, p.seed): p.key for p in expand_grid(full, out_dir="x") if p.dataset == "ml-100k"}
     for p in expand_grid(grids["ml100k-kar-fields"], out_dir="y"):

@@ -34,6 +34,25 @@ def test_llm_history_never_becomes_a_sample(ml100k):
             assert ml100k.llm_offsets[u + 1] - ml100k.llm_offsets[u] == n_llm
 
 
+def test_each_users_llm_history_is_their_own_first_interactions(ml100k):
+    # User ids sort differently as text ("10" < "2") and as the index does: every user's LM history
+    # must still be that user's own earliest interactions, the ones just before their first sample.
+    raw = load_raw("ml-100k")
+    inter = raw.interactions.assign(row=np.arange(len(raw.interactions)))
+    by_user = {u: g.sort_values(["timestamp", "row"], kind="stable") for u, g in inter.groupby("user")}
+    item_of = {i: ml100k.meta["item_ids"][i - 1] for i in range(1, ml100k.spec.n_items)}
+    for u in range(ml100k.n_users):
+        hist = ml100k.llm_history(u)
+        first = by_user[ml100k.user_ids[u]].head(len(hist))
+        assert [item_of[i] for i, _ in hist] == first["item"].tolist(), u
+        assert [r for _, r in hist] == first["rating"].astype(int).tolist(), u
+    sp = ml100k.split("train")
+    first_rows = np.flatnonzero(sp.position == np.array([len(ml100k.llm_history(u)) for u in sp.user]))
+    for r in first_rows[:200]:   # the behaviour sequence of a user's first sample ends with their LM history
+        tail = [i for i, _ in ml100k.llm_history(int(sp.user[r]))][-ml100k.spec.max_hist_len:]
+        assert sp.hist_items[r][-len(tail):].tolist() == tail
+
+
 def test_history_strictly_earlier_than_sample(ml100k):
     raw = load_raw("ml-100k")
     df = raw.interactions.sort_values(["user", "timestamp", "row"], kind="stable")

@@ -27,7 +27,7 @@ from cocorec.data.errors import DataError
 from cocorec.data.raw import RawData, load_raw
 from cocorec.utils.io import atomic_replace_dir, cache_root, key_of, read_json, to_jsonable
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2   # 2: each user's LM history is their own (1 stored them in id-as-text order)
 SPLITS = ("train", "val", "test")
 
 
@@ -311,15 +311,18 @@ def build(raw: RawData, cfg: ProtocolConfig) -> CTRData:
     split_of[perm[n_train:n_train + n_val]] = 1
     split_of[perm[n_train + n_val:]] = 2
 
+    # Users come in the interactions' order (sorted by the id as text) but are indexed by ``user_ids``'
+    # order: the LM histories are stored per index, so that offsets and contents agree.
     llm_offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
-    llm_items, llm_ratings = [], []
+    llm_items: list[np.ndarray] = [np.zeros(0, np.int64)] * len(user_ids)
+    llm_ratings: list[np.ndarray] = [np.zeros(0, np.int64)] * len(user_ids)
     rows: list[list[np.ndarray]] = [[], [], []]
     for s, e in zip(starts, ends):
         uid = u[s]
         n = e - s
         n_llm = min(cfg.max_llm_history, n // 2)
-        llm_items.append(it[s:s + n_llm])
-        llm_ratings.append(rc[s:s + n_llm])
+        llm_items[uid] = it[s:s + n_llm]
+        llm_ratings[uid] = rc[s:s + n_llm]
         llm_offsets[uid + 1] = n_llm
         pos = np.arange(n_llm, n)
         # hist[j, t] = item at position pos[j] - T + t (0 when before the user's first interaction)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from cocorec.config import ConfigError, apply_overrides, check_kwargs
-from cocorec.data.protocol import CTRData, ProtocolConfig, prepare
+from cocorec.data.protocol import PROTOCOL_VERSION, CTRData, ProtocolConfig, prepare
 from cocorec.eval.knowledge import knowledge_report, user_derangement
 from cocorec.eval.metrics import evaluate_predictions, group_metrics
 from cocorec.knowledge.base import METHODS, build_method, check_method_args, import_methods, method_label
@@ -83,6 +83,7 @@ class RunConfig:
         d = asdict(self)
         for k in ("output", "results", "quiet", "data_dir", "download", "label_keys"):
             d.pop(k)
+        d["protocol_version"] = PROTOCOL_VERSION    # a run on data processed otherwise is another run
         return key_of(d)
 
     def method_label(self) -> str:
