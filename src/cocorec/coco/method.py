@@ -55,7 +55,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -67,12 +66,12 @@ from torch import nn
 
 from cocorec.coco.bank import BANK_KINDS, UserBank
 from cocorec.coco.codebook import VQCodebook, perplexity
+from cocorec.coco.guard import guard_decisions
 from cocorec.coco.judge import (COLLABORATION, CONTRADICTION, PhaseScheduler, UserJudgeStats, contradiction_mask,
                                 helps_mask)
 from cocorec.coco.kvcache import BASE, UserTextKVCache
 from cocorec.coco.lora import add_lora, fingerprint
 from cocorec.coco.readout import CrossAttentionReadout
-from cocorec.eval.metrics import auc as auc_score
 from cocorec.knowledge.base import KnowledgeMethod, register_method, register_variant
 from cocorec.knowledge.sources import LEAK, check_source
 from cocorec.utils.io import cache_root
@@ -570,53 +569,19 @@ class CoCo(KnowledgeMethod):
         self._epoch_rates = []
 
     def on_fit_end(self, trainer: Any) -> None:
-        """Group guard: switch knowledge off for user groups where it lowers validation AUC.
-
-        A group is a candidate when it has ``guard_min_samples`` validation samples and its AUC
-        with knowledge is more than ``guard_margin`` below its AUC without. Candidates are taken
-        greedily, most harmed first, and a switch-off is kept only if the *overall* validation AUC
-        does not drop: scores of groups with and without knowledge must still rank against each
-        other (on ml-100k, switching off every harmed group by the per-group rule alone cost
-        0.13 overall AUC in a short run).
-        """
+        """Group guard (:func:`~cocorec.coco.guard.guard_decisions`) on the validation split."""
         if not self.use_guard:
             return
         self._guard_enabled.fill_(True)
         with_k = trainer.predict("val", use_knowledge=True)
         without = trainer.predict("val", use_knowledge=False)
-        y = with_k["label"]
         groups = self._user_group.cpu().numpy()[with_k["user"]]
-        report: dict[str, Any] = {}
-        candidates: list[tuple[float, int]] = []
-        for gi, name in enumerate(self.guard_groups):
-            m = groups == gi
-            n = int(m.sum())
-            a_with = auc_score(y[m], with_k["prob"][m]) if n else float("nan")
-            a_without = auc_score(without["label"][m], without["prob"][m]) if n else float("nan")
-            harmed = (n >= self.guard_min_samples and not math.isnan(a_with) and not math.isnan(a_without)
-                      and a_with < a_without - self.guard_margin)
-            if harmed:
-                candidates.append((a_without - a_with, gi))
-            report[name] = {"n": n, "auc_with": a_with, "auc_without": a_without, "harmed": bool(harmed),
-                            "knowledge": "on"}
-        probs = with_k["prob"].copy()
-        overall = auc_score(y, probs)
-        start = overall
-        for _, gi in sorted(candidates, reverse=True):
-            m = groups == gi
-            trial = probs.copy()
-            trial[m] = without["prob"][m]
-            a = auc_score(y, trial)
-            name = self.guard_groups[gi]
-            report[name]["overall_auc_if_off"] = a
-            if a >= overall:
-                probs, overall = trial, a
-                self._guard_enabled[gi] = False
-                report[name]["knowledge"] = "off"
+        rep = guard_decisions(with_k["label"], with_k["prob"], without["prob"], groups, self.guard_groups,
+                              self.guard_margin, self.guard_min_samples)
+        for name in rep["disabled"]:
+            self._guard_enabled[self.guard_groups.index(name)] = False
         self.guard_report = {"grouping": self.guard_grouping_used, "margin": self.guard_margin,
-                             "min_samples": self.guard_min_samples, "groups": report,
-                             "val_auc_all_on": start, "val_auc_guarded": overall,
-                             "disabled": [g for g, r in report.items() if r["knowledge"] == "off"]}
+                             "min_samples": self.guard_min_samples, **rep}
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
