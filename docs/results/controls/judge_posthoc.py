@@ -6,7 +6,7 @@ says nearly what the clean one says, so no judge can tell them apart. This print
 contradiction rate, of minus the helps rate and of their difference, over all judged training users
 and over those with |r - 0.5| > 0.15.
 
-    python docs/results/controls/judge_posthoc.py runs/bench/coco-controls/ml-100k/din-coco_corrupt_0.3_source_oracle-p42-s0-*
+    python docs/results/controls/judge_posthoc.py RUN_DIR [RUN_DIR ...]   # coco runs with corrupt > 0
 """
 import json
 import sys

@@ -4,7 +4,6 @@ every array of the processed-data caches of ml-100k (v1 caches left from earlier
     python docs/results/controls/v1_v2_same_samples.py
 """
 import json
-from pathlib import Path
 
 import numpy as np
 
@@ -22,4 +21,5 @@ for d in sorted(root.iterdir()):
     a1 = np.load(d / "arrays.npz", allow_pickle=False)
     a2 = np.load(root / f"ml-100k-{new.key}" / "arrays.npz", allow_pickle=False)
     diff = [k for k in a1.files if a1[k].shape != a2[k].shape or not np.array_equal(a1[k], a2[k])]
-    print(f"split {meta['config']['split_seed']}: {d.name} (v1) vs {new.key} (v2): {len(a1.files)} arrays, differing: {diff}")
+    print(f"split {meta['config']['split_seed']}: {d.name} (v1) vs {new.key} (v2): "
+          f"{len(a1.files)} arrays, differing: {diff}")
