@@ -240,3 +240,20 @@ def test_static_is_one_knowledge_vector_for_every_user(toy_data):
     assert len(torch.unique(batch["user"])) > 5
     torch.testing.assert_close(k, k[:1].expand_as(k))
     assert m.user_text == "none"
+
+
+def test_coco_adds_the_backbones_auxiliary_loss(toy_data):
+    # DIEN's interest-extractor loss is set by its training forward; CoCo composes its own loss and
+    # must add it as every other method does
+    torch.manual_seed(0)
+    m = build_method("coco", seed=0, **SMALL)
+    model = build_model("dien", toy_data.spec, knowledge_dims=m.knowledge_dims, hidden_units=(32, 16),
+                        aux_loss_weight=0.5)
+    tr = Trainer(model, m, toy_data, TRAIN, quiet=True)
+    m.prepare(toy_data)
+    loss, logs = m.training_loss(model, _batch(toy_data, tr), 1)
+    assert logs["backbone_aux"] > 0
+    assert loss.item() == pytest.approx(logs["bce"] + m.vq_weight * logs["vq"] + m.align_weight * logs["align"]
+                                        + logs["backbone_aux"], rel=1e-4)
+    loss.backward()
+    assert all(p.grad is not None for p in model.aux_net.parameters())   # only the aux loss reaches aux_net

@@ -72,7 +72,7 @@ from cocorec.coco.judge import (COLLABORATION, CONTRADICTION, PhaseScheduler, Us
 from cocorec.coco.kvcache import BASE, UserTextKVCache
 from cocorec.coco.lora import add_lora, fingerprint
 from cocorec.coco.readout import CrossAttentionReadout
-from cocorec.knowledge.base import KnowledgeMethod, register_method, register_variant
+from cocorec.knowledge.base import KnowledgeMethod, add_backbone_aux_loss, register_method, register_variant
 from cocorec.knowledge.sources import LEAK, check_source
 from cocorec.utils.io import cache_root
 
@@ -537,6 +537,7 @@ class CoCo(KnowledgeMethod):
         loss = bce + self.vq_weight * vq_loss + self.align_weight * align
         logs = {"bce": float(bce.detach()), "vq": float(vq_loss.detach()), "align": float(align.detach()),
                 "contradiction_rate": rate, "live_users": float(len(live_users))}
+        loss = add_backbone_aux_loss(model, loss, logs)   # e.g. DIEN's, set by the forward just above
 
         if contradiction_step:
             live_row = torch.zeros(self.bank.table.shape[0], dtype=torch.bool, device=dev)
