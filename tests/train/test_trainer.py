@@ -33,6 +33,17 @@ def test_fixed_seed_gives_identical_metrics(ml100k):
     np.testing.assert_array_equal(a.predict("test")["prob"], b.predict("test")["prob"])
 
 
+def test_embedding_l2_shrinks_the_embedding_tables(ml100k):
+    def norm_after(l2: float) -> float:
+        torch.manual_seed(0)
+        model = build_model("deepfm", ml100k.spec)
+        cfg = TrainConfig(**{**FAST.__dict__, "epochs": 1, "embedding_l2": l2})
+        Trainer(model, build_method("base"), ml100k, cfg, quiet=True, seed=0).fit()
+        return float(sum(p.pow(2).sum() for p in model.embedding_parameters()))
+
+    assert norm_after(1e-3) < 0.9 * norm_after(0.0)
+
+
 def test_resume_matches_uninterrupted(ml100k, tmp_path):
     full = _trainer(ml100k, tmp_path / "full", epochs=3)
     full.fit()

@@ -46,7 +46,7 @@ class TrainConfig:
     eval_batch_size: int = 8192
     lr: float = 1e-3
     weight_decay: float = 1e-4          # on dense layers; embeddings get none
-    embedding_l2: float = 0.0
+    embedding_l2: float = 0.0           # L2 penalty on the backbone's embedding tables, added to the loss
     patience: int = 2                   # epochs without val-AUC gain before stopping
     grad_clip: float = 10.0
     device: str = "auto"                # auto | cpu | cuda
@@ -176,6 +176,10 @@ class Trainer:
                 batch = to_device(batch, self.device)
                 with self._autocast():
                     loss, logs = self.method.training_loss(self.model, batch, self.step)
+                if self.cfg.embedding_l2:   # FuxiCTR's embedding regulariser: L2 on the embedding tables
+                    reg = self.cfg.embedding_l2 * sum(p.float().pow(2).sum() for p in self.model.embedding_parameters())
+                    loss = loss + reg
+                    logs["embedding_l2"] = float(reg.detach())
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {float(loss)} at epoch {self.epoch + 1}, step {self.step}; "
                                              f"lower train.lr or check the inputs")
