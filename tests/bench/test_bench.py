@@ -93,7 +93,7 @@ def test_shipped_grids_load() -> None:
 
     grids = {n: load_grid(REPO / "bench" / f"{n}.yaml")
              for n in ("quick", "full", "ci", "ml100k-din-dcnv2", "ml100k-kar-fields", "controls",
-                                        "coco-controls")}
+                       "coco-controls")}
     assert len(expand_grid(grids["ml100k-din-dcnv2"], out_dir="x")) == 126
     full = grids["full"]
     assert full.datasets == ["ml-100k", "ml-1m-3k"] and full.seeds == [0, 1, 2] and len(full.backbones) == 6

@@ -47,6 +47,9 @@ class UserBank:
         self.version: Any = None
         self.fills = 0
 
+    def __len__(self) -> int:
+        return self.table.shape[0]
+
     def put(self, users: torch.Tensor, values: torch.Tensor) -> None:
         self.table[users.to(self.table.device)] = values.detach().to(self.table.dtype)
 

@@ -540,7 +540,7 @@ class CoCo(KnowledgeMethod):
         loss = add_backbone_aux_loss(model, loss, logs)   # e.g. DIEN's, set by the forward just above
 
         if contradiction_step:
-            live_row = torch.zeros(self.bank.table.shape[0], dtype=torch.bool, device=dev)
+            live_row = torch.zeros(len(self.bank), dtype=torch.bool, device=dev)
             live_row[live_users] = True
             rows_c = c_mask & keep & live_row[users]
             n_c = int(rows_c.sum())
