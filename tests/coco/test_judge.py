@@ -76,3 +76,40 @@ def test_user_judge_stats_separate_corrupted_users_by_each_side_and_both():
     assert out["corrupt_user_auroc_helps"] == 1.0 and out["corrupt_user_auroc_net"] == 1.0
     assert out["corrupt_user_auroc"] == 0.75      # user 1 is hurt no more often than the clean users
     assert out["by_group"]["corrupted"]["users"] == 2
+
+
+def test_direction_score_ranks_a_user_pushed_against_their_labels_first():
+    from cocorec.coco.judge import UserJudgeStats
+
+    s = UserJudgeStats(3)
+    users = torch.tensor([0, 0, 1, 1, 2, 2])
+    no = torch.zeros(6, dtype=torch.bool)
+    # user 0: knowledge pushes up, labels sit above p0 (agrees); user 1: pushes up, labels below (against);
+    # user 2: no shift at all
+    shift = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.0, 0.0])
+    residual = torch.tensor([0.3, 0.1, -0.4, -0.2, 0.5, -0.5])
+    s.add(users, no, no, shift, residual)
+    score = s.direction_score()
+    assert score[1] > score[2] > score[0]
+    out = s.summary(["clean", "corrupted", "clean"])
+    assert out["corrupt_user_auroc_direction"] == 1.0
+
+
+def test_judge_stats_load_the_three_rows_of_older_checkpoints():
+    from cocorec.coco.judge import UserJudgeStats
+
+    s = UserJudgeStats.from_counts(torch.tensor([[2.0, 1.0], [1.0, 0.0], [0.0, 1.0]]))
+    assert s.counts.shape == (5, 2) and s.rates()[0].tolist() == [0.5, 0.0]
+
+
+def test_judge_batch_compares_the_backbone_with_and_without_knowledge():
+    from cocorec.coco.judge import judge_batch
+
+    class Toy(torch.nn.Module):   # logit = knowledge[0] (0 without knowledge)
+        def forward(self, batch, knowledge):
+            return torch.zeros(len(batch["label"])) if knowledge is None else knowledge[0][:, 0]
+
+    batch = {"label": torch.tensor([1.0, 0.0, 1.0])}
+    out = judge_batch(Toy(), batch, [torch.tensor([[2.0], [2.0], [-2.0]])], delta=0.05)
+    assert out.helps.tolist() == [True, False, False] and out.contradicts.tolist() == [False, True, True]
+    assert torch.allclose(out.residual, torch.tensor([0.5, -0.5, 0.5]))

@@ -3,6 +3,12 @@
 * Confidence in the true label: ``c(p) = y p + (1 - y)(1 - p)``.
 * A sample *contradicts* when the knowledge lowers that confidence by more than ``delta``:
   ``c(p+) + delta < c(p0)`` (p+ with knowledge, p0 with the knowledge field zeroed).
+* Per training user (:class:`UserJudgeStats`): how often the knowledge hurt or helped, and its
+  *direction score* ``-mean(p+ - p0) * mean(y - p0)``: positive when the knowledge pushes the user's
+  predictions against the way the user's labels deviate from the knowledge-free prediction. Count
+  rates threshold each sample at ``delta``; the direction score sums small shifts over the user's
+  samples, which is where an inverted text shows (docs/coco.md, "The judge").
+* :func:`judge_batch`: one judge pass over a batch (the backbone with and without the knowledge).
 * :class:`PhaseScheduler` alternates *collaboration* phases (LoRA frozen, the user-text KV cache
   live) with a *contradiction* phase of ``phase_steps`` steps (LoRA trained on contradicting
   samples) whenever the mean rate of the last ``window`` steps exceeds ``threshold``; after a
@@ -19,6 +25,7 @@ Example:
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,34 +51,87 @@ def helps_mask(p_plus: torch.Tensor, p_zero: torch.Tensor, y: torch.Tensor, delt
     return confidence(p_plus, y) > confidence(p_zero, y) + delta
 
 
+@dataclass
+class JudgeOutput:
+    """One judge pass: per sample, whether the knowledge contradicts / helps, and p+ - p0 and y - p0."""
+
+    contradicts: torch.Tensor
+    helps: torch.Tensor
+    shift: torch.Tensor
+    residual: torch.Tensor
+
+
+@torch.no_grad()
+def judge_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], knowledge: list[torch.Tensor],
+                delta: float) -> JudgeOutput:
+    """The backbone's predictions on ``batch`` with ``knowledge`` (p+) and with it zeroed (p0), in eval
+    mode (no dropout: the comparison is of the knowledge alone), compared sample by sample."""
+    was = model.training
+    model.eval()
+    try:
+        p_plus = torch.sigmoid(model(batch, knowledge).float())
+        p_zero = torch.sigmoid(model(batch, None).float())
+    finally:
+        model.train(was)
+    y = batch["label"].to(p_plus.device).float()
+    return JudgeOutput(contradiction_mask(p_plus, p_zero, y, delta), helps_mask(p_plus, p_zero, y, delta),
+                       p_plus - p_zero, y - p_zero)
+
+
 class UserJudgeStats:
-    """Per-user counts of judged samples, contradicting ones and helped ones, over training.
+    """Per-user sums over training: judged samples, contradicting ones, helped ones, and the sums of
+    p+ - p0 (the knowledge's shift) and of y - p0 (what the knowledge-free model missed).
 
     Example:
         >>> s = UserJudgeStats(3)
         >>> s.add(torch.tensor([0, 0, 2]), torch.tensor([True, False, False]), torch.tensor([False, True, False]))
         >>> s.rates()[0].tolist()
         [0.5, 0.0, 0.0]
+        >>> s.add(torch.tensor([1, 1]), torch.tensor([False, False]), torch.tensor([False, False]),
+        ...       shift=torch.tensor([0.2, 0.2]), residual=torch.tensor([-0.5, -0.3]))
+        >>> round(float(s.direction_score()[1]), 4)    # pushed up a user whose labels sit below p0
+        0.08
     """
 
-    def __init__(self, n_users: int) -> None:
-        self.counts = torch.zeros(3, n_users, dtype=torch.float64)   # judged, contradicting, helped
+    ROWS = ("judged", "contradicting", "helped", "shift", "residual")
 
-    def add(self, users: torch.Tensor, contradicts: torch.Tensor, helps: torch.Tensor) -> None:
+    def __init__(self, n_users: int) -> None:
+        self.counts = torch.zeros(len(self.ROWS), n_users, dtype=torch.float64)
+
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor) -> "UserJudgeStats":
+        """From saved sums (older checkpoints hold only the first three rows)."""
+        s = cls(counts.shape[1])
+        s.counts[: counts.shape[0]] = counts.cpu().double()
+        return s
+
+    def add(self, users: torch.Tensor, contradicts: torch.Tensor, helps: torch.Tensor,
+            shift: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> None:
         u = users.cpu()
+        zero = torch.zeros_like(u, dtype=torch.float64)
         for row, v in enumerate((torch.ones_like(u, dtype=torch.float64), contradicts.cpu().double(),
-                                 helps.cpu().double())):
+                                 helps.cpu().double(), zero if shift is None else shift.cpu().double(),
+                                 zero if residual is None else residual.cpu().double())):
             self.counts[row].index_add_(0, u, v)
+
+    def add_output(self, users: torch.Tensor, out: JudgeOutput) -> None:
+        self.add(users, out.contradicts, out.helps, out.shift, out.residual)
 
     def rates(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(contradiction rate, helps rate) per user (0 for users never judged)."""
         n = self.counts[0].clamp_min(1.0)
         return self.counts[1] / n, self.counts[2] / n
 
+    def direction_score(self) -> torch.Tensor:
+        """``-mean(p+ - p0) * mean(y - p0)`` per user: > 0 where the knowledge pushes against the labels."""
+        n = self.counts[0].clamp_min(1.0)
+        return -(self.counts[3] / n) * (self.counts[4] / n)
+
     def summary(self, groups: list[str] | None = None) -> dict[str, Any]:
         """Rates over the judged users (sample-weighted and per-user quantiles); with ``groups`` (per
-        user ``corrupted`` / ``clean``) the rates per group and the AUROC of each per-user rate at
-        telling corrupted users from clean ones (``_net``: contradiction rate minus helps rate)."""
+        user ``corrupted`` / ``clean``) the rates per group and the AUROC of each per-user score at
+        telling corrupted users from clean ones (``_net``: contradiction rate minus helps rate;
+        ``_direction``: :meth:`direction_score`)."""
         from cocorec.eval.metrics import auc
 
         judged = self.counts[0] > 0
@@ -96,6 +156,7 @@ class UserJudgeStats:
             out["corrupt_user_auroc_helps"] = auc(1.0 - bad, h[judged].numpy())
             # both sides at once: corrupted users are hurt more often *and* helped less often
             out["corrupt_user_auroc_net"] = auc(bad, (c - h)[judged].numpy())
+            out["corrupt_user_auroc_direction"] = auc(bad, self.direction_score()[judged].numpy())
         return out
 
 

@@ -67,8 +67,7 @@ from torch import nn
 from cocorec.coco.bank import BANK_KINDS, UserBank
 from cocorec.coco.codebook import VQCodebook, perplexity
 from cocorec.coco.guard import guard_decisions
-from cocorec.coco.judge import (COLLABORATION, CONTRADICTION, PhaseScheduler, UserJudgeStats, contradiction_mask,
-                                helps_mask)
+from cocorec.coco.judge import COLLABORATION, CONTRADICTION, PhaseScheduler, UserJudgeStats, judge_batch
 from cocorec.coco.kvcache import BASE, UserTextKVCache
 from cocorec.coco.lora import add_lora, fingerprint
 from cocorec.coco.readout import CrossAttentionReadout
@@ -442,18 +441,6 @@ class CoCo(KnowledgeMethod):
         return [self.user_knowledge(uniq)[inv]]
 
     # ------------------------------------------------------------------ training
-    @torch.no_grad()
-    def _judge(self, model: nn.Module, batch: dict[str, torch.Tensor], k_rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        was = model.training
-        model.eval()
-        try:
-            p_plus = torch.sigmoid(model(batch, [k_rows]).float())
-            p_zero = torch.sigmoid(model(batch, None).float())
-        finally:
-            model.train(was)
-        y = batch["label"].float()
-        return contradiction_mask(p_plus, p_zero, y, self.delta), helps_mask(p_plus, p_zero, y, self.delta)
-
     def _align_loss(self, k_live: torch.Tensor, live_users: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """InfoNCE: k_u vs (a projection of) the backbone embedding of one of u's positive items in the batch."""
         users, labels = batch["user"].to(self.device), batch["label"].to(self.device)
@@ -502,8 +489,9 @@ class CoCo(KnowledgeMethod):
         text = self._text_states(uniq) if self.bank_kind == "states" else (None, None)
         with torch.no_grad():   # the judge reads the knowledge the bank gives now
             k_judge = self._banked_knowledge(uniq, text)
-        c_mask, h_mask = self._judge(model, batch, k_judge[inv])
-        self.judge_stats.add(users, c_mask, h_mask)
+        verdict = judge_batch(model, batch, [k_judge[inv]], self.delta)
+        self.judge_stats.add_output(users, verdict)
+        c_mask = verdict.contradicts
         rate = float(c_mask.float().mean())
         phase = self.scheduler.phase
         contradiction_step = phase == CONTRADICTION and bool(self._lora)
@@ -615,8 +603,7 @@ class CoCo(KnowledgeMethod):
                 self.n_lora_updates = extra["n_lora_updates"]
                 self.rate_by_epoch = extra["rate_by_epoch"]
                 if "judge/user_counts" in state:
-                    self.judge_stats = UserJudgeStats(state["judge/user_counts"].shape[1])
-                    self.judge_stats.counts = state["judge/user_counts"].cpu().double().clone()
+                    self.judge_stats = UserJudgeStats.from_counts(state["judge/user_counts"])
             if extra.get("guard_report"):
                 self.guard_report = extra["guard_report"]
         if getattr(self, "bank", None) is not None:
