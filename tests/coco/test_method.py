@@ -81,7 +81,7 @@ def test_checkpoint_round_trip_gives_identical_scores(toy_data, tmp_path):
     assert not np.allclose(tr2.predict("test")["prob"], ref)
     tr2.load_checkpoint(tmp_path / "ckpt")
     np.testing.assert_allclose(tr2.predict("test")["prob"], ref, rtol=1e-6, atol=1e-7)
-    assert torch.equal(m2._guard_enabled, m._guard_enabled)
+    assert torch.equal(m2.guard.enabled, m.guard.enabled)
 
 
 class _FakeTrainer:
@@ -102,8 +102,8 @@ class _FakeTrainer:
 
 def test_group_guard_disables_knowledge_where_it_hurts(toy_data):
     tr, m, model = _setup(toy_data)
-    groups = np.asarray(toy_data.user_groups[m.guard_grouping_used])
-    hurt = m.guard_groups[0]
+    groups = np.asarray(toy_data.user_groups[m.guard.grouping])
+    hurt = m.guard.names[0]
     users = np.repeat(np.arange(toy_data.n_users), 20)
     rng = np.random.default_rng(1)
     labels = (rng.random(len(users)) > 0.5).astype(np.float32)
@@ -133,7 +133,7 @@ def test_variants_train_a_step(toy_data, method):
     assert np.isfinite(logs["bce"])
     codes = m.code_assignments()
     if method == "static":
-        assert m.codebook_size == 1 and set(codes.tolist()) == {0} and not m.use_guard
+        assert m.cfg.codebook.codebook_size == 1 and set(codes.tolist()) == {0} and not m.cfg.guard.guard
     if method == "coco-novq":
         assert torch.equal(codes, m._fixed_codes) and logs["vq"] == 0.0
     if method in ("static", "coco-nojudge"):
@@ -239,7 +239,7 @@ def test_static_is_one_knowledge_vector_for_every_user(toy_data):
         k = m(batch)[0]
     assert len(torch.unique(batch["user"])) > 5
     torch.testing.assert_close(k, k[:1].expand_as(k))
-    assert m.user_text == "none"
+    assert m.cfg.user_text == "none"
 
 
 def test_coco_adds_the_backbones_auxiliary_loss(toy_data):
@@ -253,7 +253,8 @@ def test_coco_adds_the_backbones_auxiliary_loss(toy_data):
     m.prepare(toy_data)
     loss, logs = m.training_loss(model, _batch(toy_data, tr), 1)
     assert logs["backbone_aux"] > 0
-    assert loss.item() == pytest.approx(logs["bce"] + m.vq_weight * logs["vq"] + m.align_weight * logs["align"]
-                                        + logs["backbone_aux"], rel=1e-4)
+    cfg = m.cfg
+    assert loss.item() == pytest.approx(logs["bce"] + cfg.codebook.vq_weight * logs["vq"]
+                                        + cfg.align_weight * logs["align"] + logs["backbone_aux"], rel=1e-4)
     loss.backward()
     assert all(p.grad is not None for p in model.aux_net.parameters())   # only the aux loss reaches aux_net

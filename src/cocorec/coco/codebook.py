@@ -32,6 +32,35 @@ from torch import nn
 
 
 @dataclass
+class CodebookConfig:
+    """The codebook's settings (each a config key: ``--set method.codebook_size=8``).
+
+    Example:
+        >>> CodebookConfig(codebook_size=4).build(hidden_size=5).prompts.shape
+        torch.Size([4, 8, 5])
+    """
+
+    codebook_size: int = 16      # K codes, each a key and a soft prompt
+    prompt_len: int = 8          # L soft tokens per prompt
+    key_dim: int = 32            # width of the query and of the keys
+    vq: bool = True              # False: each user keeps a random fixed code (no query, no VQ loss)
+    vq_beta: float = 0.25        # commitment weight of the VQ loss
+    vq_weight: float = 1.0       # weight of the VQ loss in the training loss
+    reset_every: int = 20        # steps between dead-code resets (0: never)
+
+    def __post_init__(self) -> None:
+        if min(self.codebook_size, self.prompt_len, self.key_dim) < 1:
+            raise ValueError(f"codebook_size, prompt_len and key_dim must be >= 1 (got {self.codebook_size}, "
+                             f"{self.prompt_len}, {self.key_dim})")
+        if self.reset_every < 0 or self.vq_beta < 0 or self.vq_weight < 0:
+            raise ValueError("reset_every, vq_beta and vq_weight must be >= 0")
+
+    def build(self, hidden_size: int) -> "VQCodebook":
+        return VQCodebook(self.codebook_size, self.key_dim, self.prompt_len, hidden_size, beta=self.vq_beta,
+                          straight_through=self.vq)
+
+
+@dataclass
 class VQOutput:
     codes: torch.Tensor     # [B] selected code per query
     prompts: torch.Tensor   # [B, L, H] soft prompt per query (straight-through to the query)

@@ -20,13 +20,86 @@ Example:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from cocorec.eval.metrics import auc as auc_score
 
-__all__ = ["guard_decisions"]
+__all__ = ["GroupGuard", "GuardConfig", "guard_decisions"]
+
+
+@dataclass
+class GuardConfig:
+    """The guard's settings (config keys: ``--set method.guard_grouping=corrupt``)."""
+
+    guard: bool = True
+    guard_grouping: str = "gender x age_group"   # a grouping of the data, or the run's own (``corrupt``)
+    guard_margin: float = 0.005                  # AUC a group may lose to its knowledge before it is switched off
+    guard_min_samples: int = 200                 # validation samples a group needs to be judged
+
+    def __post_init__(self) -> None:
+        if self.guard_margin < 0 or self.guard_min_samples < 1:
+            raise ValueError("guard_margin must be >= 0 and guard_min_samples >= 1")
+
+
+class GroupGuard:
+    """Which user groups keep their knowledge: per-user group index, per-group switch, last decision.
+
+    Constructor Args:
+        config: :class:`GuardConfig`.
+        groupings: ``{grouping name: a label per user}``; a ``guard_grouping`` that is not among them
+            falls back to the first combined grouping (``"a x b"``), then to the first one.
+        enabled: the per-group switches to start from (e.g. loaded from a checkpoint), if they fit.
+
+    Example:
+        >>> g = GroupGuard(GuardConfig(guard_min_samples=2), {"corrupt": ["clean", "corrupted", "clean"]})
+        >>> g.names, g.mask(torch.tensor([0, 1])).tolist()
+        (['clean', 'corrupted'], [1.0, 1.0])
+        >>> y = np.array([1, 0, 1, 0], dtype=float)
+        >>> users = np.array([0, 0, 1, 1])
+        >>> g.decide(y, users, np.array([0.9, 0.1, 0.1, 0.9]), np.array([0.6, 0.4, 0.6, 0.4]))["disabled"]
+        ['corrupted']
+        >>> g.mask(torch.tensor([0, 1])).tolist()
+        [1.0, 0.0]
+    """
+
+    def __init__(self, config: GuardConfig, groupings: dict[str, Sequence[str]],
+                 enabled: torch.Tensor | None = None, device: torch.device | str = "cpu") -> None:
+        self.config = config
+        name = config.guard_grouping
+        if name not in groupings:
+            name = next((g for g in groupings if " x " in g), next(iter(groupings), "all"))
+        labels = list(groupings[name]) if name in groupings else []
+        self.grouping = name
+        self.names = sorted(set(labels)) or ["all"]
+        index = {g: i for i, g in enumerate(self.names)}
+        self.user_group = torch.tensor([index[g] for g in labels], dtype=torch.long, device=device)
+        fits = enabled is not None and len(enabled) == len(self.names)
+        self.enabled = enabled.bool().to(device) if fits else torch.ones(len(self.names), dtype=torch.bool,
+                                                                            device=device)
+        self.report: dict[str, Any] = {}
+
+    def mask(self, users: torch.Tensor) -> torch.Tensor:
+        """1.0 for users whose group keeps its knowledge, 0.0 where it is switched off (all 1 when off)."""
+        if not self.config.guard or len(self.user_group) == 0:
+            return torch.ones(len(users), device=users.device)
+        return self.enabled[self.user_group[users.to(self.user_group.device)]].float().to(users.device)
+
+    def decide(self, y: np.ndarray, users: np.ndarray, p_with: np.ndarray, p_without: np.ndarray) -> dict[str, Any]:
+        """Switch groups on or off from validation predictions with and without knowledge
+        (:func:`guard_decisions`); returns the report (also kept in :attr:`report`)."""
+        self.enabled.fill_(True)
+        groups = self.user_group.cpu().numpy()[np.asarray(users)]
+        c = self.config
+        rep = guard_decisions(y, p_with, p_without, groups, self.names, c.guard_margin, c.guard_min_samples)
+        for name in rep["disabled"]:
+            self.enabled[self.names.index(name)] = False
+        self.report = {"grouping": self.grouping, "margin": c.guard_margin, "min_samples": c.guard_min_samples,
+                       **rep}
+        return self.report
 
 
 def guard_decisions(y: np.ndarray, p_with: np.ndarray, p_without: np.ndarray, groups: np.ndarray,

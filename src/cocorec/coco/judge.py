@@ -52,6 +52,37 @@ def helps_mask(p_plus: torch.Tensor, p_zero: torch.Tensor, y: torch.Tensor, delt
 
 
 @dataclass
+class JudgeConfig:
+    """The judge's and the phase schedule's settings (config keys: ``--set method.delta=0.05``).
+
+    Example:
+        >>> JudgeConfig(rate_threshold=0.2).scheduler().threshold
+        0.2
+    """
+
+    judge: bool = True                     # False: measure contradictions, never train LoRA (coco-nojudge)
+    delta: float = 0.02                    # confidence drop that makes a sample contradict (< 0: every sample)
+    rate_threshold: float = 0.1            # recent contradiction rate that starts a phase (< 0: at once)
+    rate_window: int = 10                  # steps averaged into the recent rate
+    phase_steps: int = 10                  # steps of a contradiction phase
+    cooldown_steps: int = 60               # collaboration steps between phases
+    warmup_steps: int = 60                 # steps before the first phase may start
+    max_phases: int = 1
+    contradiction_users_per_step: int = 8  # users whose full LM pass trains LoRA in a phase step
+
+    def __post_init__(self) -> None:
+        if min(self.rate_window, self.phase_steps, self.contradiction_users_per_step) < 1 or \
+                min(self.cooldown_steps, self.warmup_steps, self.max_phases) < 0:
+            raise ValueError("rate_window, phase_steps and contradiction_users_per_step must be >= 1; "
+                             "cooldown_steps, warmup_steps and max_phases >= 0")
+
+    def scheduler(self) -> "PhaseScheduler":
+        return PhaseScheduler(threshold=self.rate_threshold, window=self.rate_window, phase_steps=self.phase_steps,
+                              cooldown_steps=self.cooldown_steps, max_phases=self.max_phases,
+                              warmup_steps=self.warmup_steps, enabled=self.judge)
+
+
+@dataclass
 class JudgeOutput:
     """One judge pass: per sample, whether the knowledge contradicts / helps, and p+ - p0 and y - p0."""
 

@@ -49,6 +49,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,38 @@ class _SharedSlot(_Slot):
             os.replace(tmp, self.directory / "built.npy")
 
 
+STORAGES = ("auto", "memory", "device", "disk")
+
+
+@dataclass
+class KVConfig:
+    """The user-text cache's settings (config keys: ``--set method.kv_storage=disk``).
+
+    Example:
+        >>> KVConfig(kv_storage="disk").cache_kwargs()["storage"]
+        'disk'
+    """
+
+    max_text_tokens: int = 384        # longer texts keep their head (profile) and their tail (recent history)
+    kv_dtype: str = "bf16"            # storage dtype of the cached states
+    kv_storage: str = "auto"          # memory, device, disk, or auto (memory up to kv_memory_limit_gb)
+    kv_memory_limit_gb: float = 2.0
+    kv_batch_tokens: int = 4096       # tokens per LM pass when building the cache
+    kv_dir: str | None = None         # where disk storage goes (default: the temp dir)
+    kv_shared: bool = True            # keep the base LM's cache across runs (content-addressed)
+
+    def __post_init__(self) -> None:
+        if self.kv_storage not in STORAGES:
+            raise ValueError(f"kv_storage must be one of {STORAGES} (got {self.kv_storage!r})")
+        if self.max_text_tokens < 1 or self.kv_batch_tokens < 1 or self.kv_memory_limit_gb < 0:
+            raise ValueError("max_text_tokens and kv_batch_tokens must be >= 1, kv_memory_limit_gb >= 0")
+
+    def cache_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`UserTextKVCache` (directory and shared dir are the caller's)."""
+        return {"dtype": self.kv_dtype, "storage": self.kv_storage, "memory_limit_gb": self.kv_memory_limit_gb,
+                "batch_tokens": self.kv_batch_tokens}
+
+
 class UserTextKVCache:
     """KV cache + last-layer hidden states of every user's text, computed with the LM as it is now.
 
@@ -234,8 +267,8 @@ class UserTextKVCache:
     def __init__(self, lm: LM, token_ids: Sequence[Sequence[int]], *, dtype: str | torch.dtype = "bf16",
                  storage: str = "auto", directory: str | Path | None = None, memory_limit_gb: float = 2.0,
                  keep_hidden: bool = True, batch_tokens: int = 4096, shared_dir: str | Path | None = None) -> None:
-        if storage not in ("auto", "memory", "device", "disk"):
-            raise ValueError(f"storage must be auto, memory, device or disk (got {storage!r})")
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES} (got {storage!r})")
         self.lm = lm
         self.token_ids = [list(map(int, t)) for t in token_ids]
         if any(len(t) == 0 for t in self.token_ids):
@@ -428,7 +461,7 @@ class UserTextKVCache:
         # each layer's key and value are then contiguous views of one fresh tensor
         kv = kv.view(m, width, self.n_layers, 2, self.n_kv_heads, self.head_dim).permute(2, 3, 0, 4, 1, 5)
         kv = torch.empty(kv.shape, dtype=dtype, device=dev).copy_(kv)
-        layers = [(kv[l, 0], kv[l, 1]) for l in range(self.n_layers)]
+        layers = [(kv[i, 0], kv[i, 1]) for i in range(self.n_layers)]
         hid = None
         if slot.hidden is not None:
             hid = slot.hidden.read_rows(rows).to(dev, non_blocking=True).masked_fill_(~real_t[..., None], 0).to(dtype)

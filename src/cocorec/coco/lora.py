@@ -16,11 +16,42 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 ADAPTER = "coco"
+LORA_SCOPES = ("all", "suffix")
+
+
+@dataclass
+class LoRAConfig:
+    """The adapters' settings (config keys: ``--set method.lora_rank=4``).
+
+    ``lora_scope``: ``all`` adapts the LM wherever it runs (the user-text caches are rebuilt after a
+    contradiction phase); ``suffix`` reads the text with the base LM and adapts the prompt positions only.
+
+    Example:
+        >>> LoRAConfig(lora_targets="q_proj, v_proj").targets
+        ('q_proj', 'v_proj')
+    """
+
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = "q_proj,v_proj"   # comma-separated module names
+    lora_scope: str = "all"
+    lora_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.lora_scope not in LORA_SCOPES:
+            raise ValueError(f"lora_scope must be one of {LORA_SCOPES} (got {self.lora_scope!r})")
+        if self.lora_rank < 1 or self.lora_lr <= 0 or not self.targets:
+            raise ValueError("lora_rank must be >= 1, lora_lr > 0 and lora_targets name a module")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
 
 
 def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] = ("q_proj", "v_proj"),

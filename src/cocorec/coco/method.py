@@ -54,8 +54,12 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import time
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +69,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from cocorec.coco.bank import BANK_KINDS, UserBank
-from cocorec.coco.codebook import VQCodebook, perplexity
-from cocorec.coco.guard import guard_decisions
-from cocorec.coco.judge import COLLABORATION, CONTRADICTION, PhaseScheduler, UserJudgeStats, judge_batch
-from cocorec.coco.kvcache import BASE, UserTextKVCache
-from cocorec.coco.lora import add_lora, fingerprint
-from cocorec.coco.readout import CrossAttentionReadout
+from cocorec.coco.codebook import CodebookConfig, perplexity
+from cocorec.coco.guard import GroupGuard, GuardConfig
+from cocorec.coco.judge import COLLABORATION, CONTRADICTION, JudgeConfig, UserJudgeStats, judge_batch
+from cocorec.coco.kvcache import BASE, KVConfig, UserTextKVCache
+from cocorec.coco.lora import LoRAConfig, add_lora, fingerprint
+from cocorec.coco.readout import ReadoutConfig
 from cocorec.knowledge.base import KnowledgeMethod, add_backbone_aux_loss, register_method, register_variant
 from cocorec.knowledge.sources import LEAK, check_source
 from cocorec.utils.io import cache_root
 
-__all__ = ["CoCo", "NO_USER_TEXT"]
+__all__ = ["CoCo", "CoCoConfig", "NO_USER_TEXT"]
 
 #: The text every user gets when a method reads none of theirs (``static``).
 NO_USER_TEXT = "A user."
@@ -95,120 +99,138 @@ def resolve_lm_dtype(dtype: str, device: torch.device) -> str:
     return "bf16" if native and device.type == "cpu" else "float32"
 
 
+BLOCKS: dict[str, type] = {"codebook": CodebookConfig, "readout": ReadoutConfig, "judge": JudgeConfig,
+                           "lora": LoRAConfig, "kv": KVConfig, "guard": GuardConfig}
+
+
+@dataclass
+class CoCoConfig:
+    """CoCo's settings: the wiring here, each block's own settings in its config.
+
+    Every field of the wiring and of the blocks is one flat config key (``--set method.delta=0.05``,
+    ``coco[bank=knowledge]`` in a grid): :meth:`from_keys` routes each key to its block, and
+    :meth:`keys` gives them back as they are recorded in results lines.
+
+    Example:
+        >>> cfg = CoCoConfig.from_keys(codebook_size=4, delta=0.05, source="oracle")
+        >>> cfg.codebook.codebook_size, cfg.judge.delta, cfg.source
+        (4, 0.05, 'oracle')
+        >>> CoCoConfig.from_keys(deltta=1)
+        Traceback (most recent call last):
+        ...
+        TypeError: unknown CoCo setting 'deltta'
+    """
+
+    lm: str = "smollm2"                 # an LM name of cocorec.knowledge.lm, an HF directory, or "tiny" (tests)
+    lm_dtype: str = "auto"
+    lr: float | None = None             # learning rate of CoCo's own parameters (default: the trainer's)
+    align_weight: float = 0.1           # weight of InfoNCE(k_u, the user's positive items)
+    align_tau: float = 0.1
+    knowledge_dropout: float = 0.2      # share of samples trained with k = 0 (trains p0 for the judge)
+    lm_users_per_step: int = 24         # "live" users: their soft prompt runs through the LM this step
+    lm_batch_users: int = 32            # users per LM pass when filling the bank or evaluating
+    query_backbone_grad: bool = False   # let the query's gradient reach the backbone's embeddings
+    bank: str = "states"                # what the bank keeps per user: prompt states or k_u (bank.py)
+    user_text: str = "own"              # "none": every user reads the same text (static)
+    source: str = "lm"                  # knowledge source of the user text (knowledge/sources.py)
+    corrupt: float = 0.0                # share of users whose source is inverted (the contradiction test)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    readout: ReadoutConfig = field(default_factory=ReadoutConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    kv: KVConfig = field(default_factory=KVConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.knowledge_dropout < 1.0:
+            raise ValueError(f"knowledge_dropout must be in [0, 1) (got {self.knowledge_dropout})")
+        if self.bank not in BANK_KINDS:
+            raise ValueError(f"bank must be one of {BANK_KINDS} (got {self.bank!r})")
+        if self.user_text not in ("own", "none"):
+            raise ValueError(f"user_text must be 'own' (each user's text) or 'none' (no user text) "
+                             f"(got {self.user_text!r})")
+        if self.lm_users_per_step < 0 or self.lm_batch_users < 1:
+            raise ValueError("lm_users_per_step must be >= 0 and lm_batch_users >= 1")
+
+    @classmethod
+    def key_table(cls) -> dict[str, tuple[str | None, Any, Any]]:
+        """``{flat key: (block or None for the wiring, type, default)}``, in declaration order."""
+        table: dict[str, tuple[str | None, Any, Any]] = {}
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in BLOCKS:
+                block = BLOCKS[f.name]
+                bhints = typing.get_type_hints(block)
+                for bf in dataclasses.fields(block):
+                    table[bf.name] = (f.name, bhints[bf.name], bf.default)
+            else:
+                table[f.name] = (None, hints[f.name], f.default)
+        return table
+
+    @classmethod
+    def from_keys(cls, **keys: Any) -> "CoCoConfig":
+        table = cls.key_table()
+        wiring: dict[str, Any] = {}
+        blocks: dict[str, dict[str, Any]] = {b: {} for b in BLOCKS}
+        for k, v in keys.items():
+            if k not in table:
+                raise TypeError(f"unknown CoCo setting {k!r}")
+            block = table[k][0]
+            (wiring if block is None else blocks[block])[k] = v
+        return cls(**wiring, **{b: BLOCKS[b](**kw) for b, kw in blocks.items()})
+
+    def keys(self) -> dict[str, Any]:
+        """Every setting as one flat ``{key: value}``."""
+        out = {}
+        for k, (block, _, _) in self.key_table().items():
+            out[k] = getattr(self if block is None else getattr(self, block), k)
+        return out
+
+
+def _keyword_signature(init: Any) -> Any:
+    """Give ``init(self, **keys)`` the signature of CoCo's flat keys: config keys = constructor arguments
+    (``config.check_kwargs``, grid labels and variants read it)."""
+    table = CoCoConfig.key_table()
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=t)
+               for k, (_, t, d) in table.items()]
+    init.__signature__ = inspect.Signature(params, return_annotation=None)
+    init.__annotations__ = {k: t for k, (_, t, _) in table.items()} | {"return": None}
+    return init
+
+
 @register_method("coco")
 class CoCo(KnowledgeMethod):
     """CoCo: collaboration (VQ soft prompts on a frozen LM) + contradiction elimination (judge + LoRA).
 
-    Every keyword is a config key (``--set method.<key>=<value>``).
+    Constructor Args: every key of :class:`CoCoConfig` and of its blocks, flat (``--set method.<key>``).
     """
 
     name = "coco"
 
-    def __init__(
-        self,
-        lm: str = "smollm2",
-        lm_dtype: str = "auto",
-        knowledge_dim: int = 32,
-        codebook_size: int = 16,
-        prompt_len: int = 8,
-        key_dim: int = 32,
-        vq: bool = True,
-        vq_beta: float = 0.25,
-        vq_weight: float = 1.0,
-        reset_every: int = 20,
-        readout_dim: int = 64,
-        readout_heads: int = 2,
-        readout_hidden: int = 128,
-        readout_over_text: bool = True,
-        align_weight: float = 0.1,
-        align_tau: float = 0.1,
-        knowledge_dropout: float = 0.2,
-        judge: bool = True,
-        delta: float = 0.02,
-        rate_threshold: float = 0.1,
-        rate_window: int = 10,
-        phase_steps: int = 10,
-        cooldown_steps: int = 60,
-        warmup_steps: int = 60,
-        max_phases: int = 1,
-        lora_rank: int = 8,
-        lora_alpha: float = 16.0,
-        lora_targets: str = "q_proj,v_proj",
-        lora_scope: str = "all",
-        lora_lr: float = 1e-3,
-        lr: float | None = None,
-        lm_users_per_step: int = 24,
-        contradiction_users_per_step: int = 8,
-        lm_batch_users: int = 32,
-        max_text_tokens: int = 384,
-        kv_dtype: str = "bf16",
-        kv_storage: str = "auto",
-        kv_memory_limit_gb: float = 2.0,
-        kv_batch_tokens: int = 4096,
-        kv_dir: str | None = None,
-        kv_shared: bool = True,
-        guard: bool = True,
-        guard_grouping: str = "gender x age_group",
-        guard_margin: float = 0.005,
-        guard_min_samples: int = 200,
-        query_backbone_grad: bool = False,
-        bank: str = "states",
-        user_text: str = "own",
-        source: str = "lm",
-        corrupt: float = 0.0,
-    ) -> None:
+    @_keyword_signature
+    def __init__(self, **keys: Any) -> None:
         super().__init__()
-        self._config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        check_source(self.name, source, corrupt)
-        self.source, self.corrupt = source, float(corrupt)
-        if source == "oracle":
+        cfg = self.cfg = CoCoConfig.from_keys(**keys)
+        check_source(self.name, cfg.source, cfg.corrupt)
+        self.source, self.corrupt = cfg.source, float(cfg.corrupt)
+        self._config = cfg.keys()
+        if cfg.source == "oracle":
             self._config["leak"] = LEAK
-        if codebook_size < 1 or prompt_len < 1 or knowledge_dim < 1:
-            raise ValueError("codebook_size, prompt_len and knowledge_dim must be >= 1")
-        if not 0.0 <= knowledge_dropout < 1.0:
-            raise ValueError(f"knowledge_dropout must be in [0, 1) (got {knowledge_dropout})")
-        self.lm_name, self.lm_dtype = lm, lm_dtype
-        self.knowledge_dim, self.codebook_size, self.prompt_len, self.key_dim = knowledge_dim, codebook_size, prompt_len, key_dim
-        self.use_vq, self.vq_beta, self.vq_weight, self.reset_every = vq, vq_beta, vq_weight, reset_every
-        self.readout_cfg = dict(attn_dim=readout_dim, heads=readout_heads, mlp_hidden=(readout_hidden,))
-        self.readout_over_text = readout_over_text
-        self.align_weight, self.align_tau = align_weight, align_tau
-        self.knowledge_dropout = knowledge_dropout
-        self.use_judge, self.delta = judge, delta
-        self.lora_rank, self.lora_alpha, self.lora_lr = lora_rank, lora_alpha, lora_lr
-        self.lora_targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
-        if bank not in BANK_KINDS:
-            raise ValueError(f"bank must be one of {BANK_KINDS} (got {bank!r})")
-        if user_text not in ("own", "none"):
-            raise ValueError(f"user_text must be 'own' (each user's text) or 'none' (no user text) (got {user_text!r})")
-        self.bank_kind, self.user_text = bank, user_text
-        if lora_scope not in ("all", "suffix"):
-            raise ValueError(f"lora_scope must be 'all' or 'suffix' (got {lora_scope!r})")
-        self.lora_scope = lora_scope
-        self.lr = lr
-        self.lm_users_per_step, self.contradiction_users_per_step = lm_users_per_step, contradiction_users_per_step
-        self.lm_batch_users, self.max_text_tokens = lm_batch_users, max_text_tokens
-        self.kv_cfg = dict(dtype=kv_dtype, storage=kv_storage, memory_limit_gb=kv_memory_limit_gb,
-                           batch_tokens=kv_batch_tokens)
-        self.kv_dir, self.kv_shared = kv_dir, kv_shared
-        self.use_guard, self.guard_grouping = guard, guard_grouping
-        self.guard_margin, self.guard_min_samples = guard_margin, guard_min_samples
-        self.query_backbone_grad = query_backbone_grad
-        self.knowledge_dims = [knowledge_dim]
+        self.knowledge_dims = [cfg.readout.knowledge_dim]
         self.knowledge_names = ["user"]
-        self.scheduler = PhaseScheduler(threshold=rate_threshold, window=rate_window, phase_steps=phase_steps,
-                                        cooldown_steps=cooldown_steps, max_phases=max_phases,
-                                        warmup_steps=warmup_steps, enabled=judge)
+        self.scheduler = cfg.judge.scheduler()
         self._built = False
         self._prepared = False
         self._lora: dict[str, nn.Parameter] = {}
         self._lora_override: list[torch.Tensor] | None = None
         self._text_version: Any = BASE     # the LM version of the cached text states the bank was filled with
+        self._guard_loaded: torch.Tensor | None = None   # per-group switches from a checkpoint, before prepare
+        self.guard: GroupGuard | None = None
         self.n_lora_updates = 0
         self._epoch_rates: list[float] = []
         self.rate_by_epoch: list[float] = []
         self.timing = {"lm_suffix_s": 0.0, "lm_full_s": 0.0, "bank_refresh_s": 0.0, "bank_refreshes": 0}
-        self.guard_report: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ construction (needs the LM)
     def attach(self, model: nn.Module) -> None:
@@ -224,21 +246,22 @@ class CoCo(KnowledgeMethod):
         self._gen = torch.Generator().manual_seed(self.seed)
         lm = self._load_lm(device)
         object.__setattr__(self, "_lm", lm)   # outside the module tree: never saved, never moved
-        if self.use_judge:
-            self._lora = add_lora(lm.model, rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets,
-                                  seed=self.seed)
+        cfg = self.cfg
+        if cfg.judge.judge:
+            self._lora = add_lora(lm.model, rank=cfg.lora.lora_rank, alpha=cfg.lora.lora_alpha,
+                                  targets=cfg.lora.targets, seed=self.seed)
             for i, p in enumerate(self._lora.values()):
                 p.register_hook(lambda g, i=i: g if self._lora_override is None else self._lora_override[i])
                 p.requires_grad_(False)  # frozen except inside a contradiction step
         hidden = lm.hidden_size
         in_dim = model.item_dim + len(model.user_field_embs) * model.d
-        self.query = nn.Sequential(nn.Linear(in_dim, self.key_dim), nn.LayerNorm(self.key_dim, elementwise_affine=False))
-        self.codebook = VQCodebook(self.codebook_size, self.key_dim, self.prompt_len, hidden, beta=self.vq_beta,
-                                   straight_through=self.use_vq)
+        key_dim = cfg.codebook.key_dim
+        self.query = nn.Sequential(nn.Linear(in_dim, key_dim), nn.LayerNorm(key_dim, elementwise_affine=False))
+        self.codebook = cfg.codebook.build(hidden)
         self.codebook.init_prompts_from_embeddings(lm.model.get_input_embeddings().weight.detach().float().cpu(),
                                                    generator=self._gen)
-        self.readout = CrossAttentionReadout(hidden, self.knowledge_dim, **self.readout_cfg)  # type: ignore[arg-type]
-        self.align_proj = nn.Linear(model.item_dim, self.knowledge_dim)
+        self.readout = cfg.readout.build(hidden)
+        self.align_proj = nn.Linear(model.item_dim, cfg.readout.knowledge_dim)
         self.register_buffer("keys_initialised", torch.zeros((), dtype=torch.bool))
         self.to(device)
         self._built = True
@@ -246,12 +269,13 @@ class CoCo(KnowledgeMethod):
     def _load_lm(self, device: torch.device) -> Any:
         from cocorec.knowledge.lm import LMConfig, load_lm, tiny_lm
 
-        if self.lm_name == "tiny":
+        if self.cfg.lm == "tiny":
             lm = tiny_lm(seed=0)   # the stand-in for a pretrained LM: the same weights in every run
             lm.model.to(device)
             lm.device = device
             return lm
-        return load_lm(LMConfig(name_or_path=self.lm_name, device=str(device), dtype=resolve_lm_dtype(self.lm_dtype, device)))
+        return load_lm(LMConfig(name_or_path=self.cfg.lm, device=str(device),
+                                dtype=resolve_lm_dtype(self.cfg.lm_dtype, device)))
 
     @property
     def lm(self) -> Any:
@@ -263,11 +287,11 @@ class CoCo(KnowledgeMethod):
 
     def optimizer_groups(self) -> list[dict[str, Any]] | None:
         own = [p for p in self.parameters() if p.requires_grad]
-        groups: list[dict[str, Any]] = [{"params": own, **({"lr": self.lr} if self.lr else {})}]
+        groups: list[dict[str, Any]] = [{"params": own, **({"lr": self.cfg.lr} if self.cfg.lr else {})}]
         if self._lora:
             for p in self._lora.values():
                 p.requires_grad_(True)   # the trainer keeps only trainable parameters in its groups
-            groups.append({"params": self.lora_parameters, "lr": self.lora_lr})
+            groups.append({"params": self.lora_parameters, "lr": self.cfg.lora.lora_lr})
         return groups
 
     # ------------------------------------------------------------------ data
@@ -291,32 +315,25 @@ class CoCo(KnowledgeMethod):
         self._item_feats = data.item_feats.to(dev)
         self._item_tags = data.item_tags.to(dev)
         self._train_users = torch.from_numpy(data.split_users("train")).long()
-        self._fixed_codes = torch.randint(0, self.codebook_size, (n_users,),
+        cfg = self.cfg
+        self._fixed_codes = torch.randint(0, cfg.codebook.codebook_size, (n_users,),
                                           generator=torch.Generator().manual_seed(self.seed + 1)).to(dev)
-        # Guard groups (sorted labels; users without a label share "unknown"). The run's own groupings
-        # (``corrupt``: the users whose source it inverted) can be guarded too.
-        groupings = {**data.user_groups, **self.user_source(data).groups()}
-        grouping = self.guard_grouping
-        if grouping not in groupings:   # e.g. a dataset with other profile columns: first combined grouping
-            grouping = next((g for g in data.user_groups if " x " in g), next(iter(data.user_groups), "all"))
-        self.guard_grouping_used = grouping
-        labels = list(groupings.get(grouping, ["all"] * n_users))
-        self.guard_groups = sorted(set(labels))
-        index = {g: i for i, g in enumerate(self.guard_groups)}
-        self._user_group = torch.tensor([index[g] for g in labels], dtype=torch.long, device=dev)
-        if getattr(self, "_guard_enabled", None) is None or len(self._guard_enabled) != len(self.guard_groups):
-            self._guard_enabled = torch.ones(len(self.guard_groups), dtype=torch.bool, device=dev)
-        max_tokens = min(self.max_text_tokens, self.lm.max_context - self.prompt_len)
-        shared = cache_root() / "coco-kv" if self.kv_shared else None
+        # The guard's groups: the data's groupings and the run's own (``corrupt``: the users whose
+        # source it inverted).
+        loaded = self._guard_loaded if self.guard is None else self.guard.enabled
+        self.guard = GroupGuard(cfg.guard, {**data.user_groups, **self.user_source(data).groups()},
+                                enabled=loaded, device=dev)
+        max_tokens = min(cfg.kv.max_text_tokens, self.lm.max_context - cfg.codebook.prompt_len)
+        shared = cache_root() / "coco-kv" if cfg.kv.kv_shared else None
         # ``static`` reads no user text: every user gets the same text, hence one knowledge vector
-        texts = self.user_source(data).user_texts() if self.user_text == "own" else [NO_USER_TEXT] * n_users
-        self.kv = UserTextKVCache.from_texts(self.lm, texts, max_tokens=max_tokens, directory=self.kv_dir,
-                                             shared_dir=shared, **self.kv_cfg)  # type: ignore[arg-type]
-        shape = (self.prompt_len, self.lm.hidden_size) if self.bank_kind == "states" else (self.knowledge_dim,)
+        texts = self.user_source(data).user_texts() if cfg.user_text == "own" else [NO_USER_TEXT] * n_users
+        self.kv = UserTextKVCache.from_texts(self.lm, texts, max_tokens=max_tokens, directory=cfg.kv.kv_dir,
+                                             shared_dir=shared, **cfg.kv.cache_kwargs())
+        shape = (cfg.codebook.prompt_len, self.lm.hidden_size) if cfg.bank == "states" else (cfg.readout.knowledge_dim,)
         self.bank = UserBank(n_users, shape, device=dev)
         if getattr(self, "judge_stats", None) is None or self.judge_stats.counts.shape[1] != n_users:
             self.judge_stats = UserJudgeStats(n_users)
-        if self.use_vq and not bool(self.keys_initialised):
+        if cfg.codebook.vq and not bool(self.keys_initialised):
             with torch.no_grad():
                 q = self._query(self._train_users.to(dev))
             self.codebook.init_keys_from_queries(q, generator=self._gen)
@@ -334,7 +351,7 @@ class CoCo(KnowledgeMethod):
         ``BASE`` while the adapters are exactly zero (LoRA's B starts at 0): the LM is then the
         frozen base LM, whose user-text cache is shared across runs.
         """
-        if self.lora_scope == "suffix":   # the text is always read by the base LM; LoRA acts on the prompt only
+        if self.cfg.lora.lora_scope == "suffix":   # the text is read by the base LM; LoRA acts on the prompt only
             return BASE
         if all(not bool(p.detach().any()) for n, p in self._lora.items() if "lora_B" in n):
             return BASE
@@ -346,7 +363,7 @@ class CoCo(KnowledgeMethod):
     def _text_states(self, users: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Cached text states of ``users`` under the LM version the bank was filled with (never a rebuild
         inside a contradiction phase), or (None, None) when the read-out does not look at the text."""
-        if not self.readout_over_text:
+        if not self.cfg.readout.readout_over_text:
             return None, None
         return self.kv.text_states(users.cpu(), self._text_version)
 
@@ -360,14 +377,14 @@ class CoCo(KnowledgeMethod):
         uf = self._user_feats[users]
         prof = torch.cat([emb(uf[:, j]) for j, emb in enumerate(bb.user_field_embs)], -1)
         x = torch.cat([pooled, prof], -1).float()
-        if not self.query_backbone_grad:
+        if not self.cfg.query_backbone_grad:
             x = x.detach()
         return self.query(x)
 
     def _codes_and_prompts(self, users: torch.Tensor, record: bool = True
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(codes, prompts [M, L, H], vq loss, queries) of ``users`` (``record``: count code usage)."""
-        if self.use_vq:
+        if self.cfg.codebook.vq:
             q = self._query(users)
             out = self.codebook(q, record=record)
             return out.codes, out.prompts, out.loss, q
@@ -375,7 +392,7 @@ class CoCo(KnowledgeMethod):
         return codes, self.codebook.prompt_of(codes), torch.zeros((), device=self.device), None
 
     def _read(self, h_prompt: torch.Tensor, h_text: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-        return self.readout(h_prompt, h_text if self.readout_over_text else None, mask).float()
+        return self.readout(h_prompt, h_text if self.cfg.readout.readout_over_text else None, mask).float()
 
     def _prompt_states(self, users: torch.Tensor, prompts: torch.Tensor, full: bool = False,
                        version: Any = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -399,13 +416,13 @@ class CoCo(KnowledgeMethod):
         version = self.lm_version()
         self.kv.ensure(users.cpu(), version)   # all at once: length-sorted batches
         out = []
-        for start in range(0, len(users), self.lm_batch_users):
-            u = users[start:start + self.lm_batch_users]
+        for start in range(0, len(users), self.cfg.lm_batch_users):
+            u = users[start:start + self.cfg.lm_batch_users]
             _, prompts, _, _ = self._codes_and_prompts(u, record=False)
             out.append(self._knowledge_cached(u, prompts, version))
-        k = torch.cat(out) if out else torch.zeros(0, self.knowledge_dim, device=self.device)
-        if apply_guard and self.use_guard:
-            k = k * self._guard_enabled[self._user_group[users]].unsqueeze(-1).to(k.dtype)
+        k = torch.cat(out) if out else torch.zeros(0, self.knowledge_dims[0], device=self.device)
+        if apply_guard and self.guard is not None:
+            k = k * self.guard.mask(users).unsqueeze(-1).to(k.dtype)
         return k
 
     @torch.no_grad()
@@ -415,11 +432,11 @@ class CoCo(KnowledgeMethod):
         users = (self._train_users if users is None else users).to(self.device)
         version = self.lm_version()
         self.kv.ensure(users.cpu(), version)   # all at once: length-sorted batches
-        for start in range(0, len(users), self.lm_batch_users):
-            u = users[start:start + self.lm_batch_users]
+        for start in range(0, len(users), self.cfg.lm_batch_users):
+            u = users[start:start + self.cfg.lm_batch_users]
             _, prompts, _, _ = self._codes_and_prompts(u, record=False)
             h_p, h_t, mask = self._prompt_states(u, prompts, version=version)
-            self.bank.put(u, h_p if self.bank_kind == "states" else self._read(h_p, h_t, mask))
+            self.bank.put(u, h_p if self.cfg.bank == "states" else self._read(h_p, h_t, mask))
         self._text_version = version
         self.bank.mark(self._bank_key())
         self.timing["bank_refresh_s"] += time.perf_counter() - t0
@@ -430,7 +447,7 @@ class CoCo(KnowledgeMethod):
         """k of ``users`` from the bank, rows ``live`` replaced by ``fresh`` (prompt states or k, with
         their gradient). With a bank of states the read-out runs now, on every user."""
         rows = self.bank.rows(users, live, fresh)
-        if self.bank_kind == "knowledge":
+        if self.cfg.bank == "knowledge":
             return rows.float()
         return self._read(rows, *text)
 
@@ -441,7 +458,8 @@ class CoCo(KnowledgeMethod):
         return [self.user_knowledge(uniq)[inv]]
 
     # ------------------------------------------------------------------ training
-    def _align_loss(self, k_live: torch.Tensor, live_users: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _align_loss(self, k_live: torch.Tensor, live_users: torch.Tensor,
+                    batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """InfoNCE: k_u vs (a projection of) the backbone embedding of one of u's positive items in the batch."""
         users, labels = batch["user"].to(self.device), batch["label"].to(self.device)
         pos_rows = torch.nonzero(labels > 0.5).flatten()
@@ -461,7 +479,7 @@ class CoCo(KnowledgeMethod):
         item = batch["item"].to(self.device)[rows]
         v = bb.item_vectors(item, batch["item_feats"].to(self.device)[rows], batch["item_tags"].to(self.device)[rows])
         v = self.align_proj(v.detach().float())
-        logits = F.normalize(k_live[idx], dim=-1) @ F.normalize(v, dim=-1).t() / self.align_tau
+        logits = F.normalize(k_live[idx], dim=-1) @ F.normalize(v, dim=-1).t() / self.cfg.align_tau
         same = item[:, None] == item[None, :]
         logits = logits.masked_fill(same & ~torch.eye(len(idx), dtype=torch.bool, device=self.device), float("-inf"))
         return F.cross_entropy(logits, torch.arange(len(idx), device=self.device))
@@ -486,10 +504,11 @@ class CoCo(KnowledgeMethod):
         users = batch["user"].to(dev)
         y = batch["label"].to(dev).float()
         uniq, inv = torch.unique(users, return_inverse=True)
-        text = self._text_states(uniq) if self.bank_kind == "states" else (None, None)
+        cfg = self.cfg
+        text = self._text_states(uniq) if cfg.bank == "states" else (None, None)
         with torch.no_grad():   # the judge reads the knowledge the bank gives now
             k_judge = self._banked_knowledge(uniq, text)
-        verdict = judge_batch(model, batch, [k_judge[inv]], self.delta)
+        verdict = judge_batch(model, batch, [k_judge[inv]], cfg.judge.delta)
         self.judge_stats.add_output(users, verdict)
         c_mask = verdict.contradicts
         rate = float(c_mask.float().mean())
@@ -499,19 +518,20 @@ class CoCo(KnowledgeMethod):
             p.requires_grad_(contradiction_step)
 
         codes, prompts, vq_loss, q = self._codes_and_prompts(uniq)
-        if self.use_vq and q is not None and self.reset_every and step > 0 and step % self.reset_every == 0:
+        every = cfg.codebook.reset_every
+        if cfg.codebook.vq and q is not None and every and step > 0 and step % every == 0:
             self.codebook.reset_dead_codes(generator=self._gen)
-        keep = (torch.rand(len(users), generator=self._gen) >= self.knowledge_dropout).to(dev)
+        keep = (torch.rand(len(users), generator=self._gen) >= cfg.knowledge_dropout).to(dev)
         if contradiction_step:   # users with a contradicting sample that keeps its knowledge this step
             c_users = torch.unique(users[c_mask & keep])
-            live_users = self._pick(c_users, self.contradiction_users_per_step)
+            live_users = self._pick(c_users, cfg.judge.contradiction_users_per_step)
         else:
-            live_users = self._pick(uniq, self.lm_users_per_step)
+            live_users = self._pick(uniq, cfg.lm_users_per_step)
         live_idx = torch.searchsorted(uniq, live_users)
         if len(live_users):
             h_p, h_t, mask = self._prompt_states(live_users, prompts[live_idx],
-                                                 full=contradiction_step and self.lora_scope == "all")
-            fresh = h_p if self.bank_kind == "states" else self._read(h_p, h_t, mask)
+                                                 full=contradiction_step and cfg.lora.lora_scope == "all")
+            fresh = h_p if cfg.bank == "states" else self._read(h_p, h_t, mask)
             self.bank.put(live_users, fresh)
             k_uniq = self._banked_knowledge(uniq, text, live_idx, fresh)
         else:
@@ -521,8 +541,8 @@ class CoCo(KnowledgeMethod):
         logits = model(batch, [k_rows * keep.unsqueeze(-1).to(k_rows.dtype)]).float()
         bce_rows = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
         bce = bce_rows.mean()
-        align = self._align_loss(k_live, live_users, batch) if self.align_weight and len(live_users) else bce * 0
-        loss = bce + self.vq_weight * vq_loss + self.align_weight * align
+        align = self._align_loss(k_live, live_users, batch) if cfg.align_weight and len(live_users) else bce * 0
+        loss = bce + cfg.codebook.vq_weight * vq_loss + cfg.align_weight * align
         logs = {"bce": float(bce.detach()), "vq": float(vq_loss.detach()), "align": float(align.detach()),
                 "contradiction_rate": rate, "live_users": float(len(live_users))}
         loss = add_backbone_aux_loss(model, loss, logs)   # e.g. DIEN's, set by the forward just above
@@ -533,7 +553,7 @@ class CoCo(KnowledgeMethod):
             rows_c = c_mask & keep & live_row[users]
             n_c = int(rows_c.sum())
             if n_c > 0:   # else no user is live, the LM did not run, and LoRA gets no gradient at all
-                loss_c = bce_rows[rows_c].sum() / n_c + self.align_weight * align
+                loss_c = bce_rows[rows_c].sum() / n_c + cfg.align_weight * align
                 grads = torch.autograd.grad(loss_c, self.lora_parameters, retain_graph=True, allow_unused=True)
                 self._lora_override = [torch.zeros_like(p) if g is None else g
                                        for p, g in zip(self.lora_parameters, grads)]
@@ -549,7 +569,7 @@ class CoCo(KnowledgeMethod):
     # ------------------------------------------------------------------ hooks
     def on_epoch_end(self, epoch: int) -> None:
         self.scheduler.end_phase()     # a phase never spans an evaluation (the caches are rebuilt first)
-        if self.bank_kind == "states" and self._prepared:
+        if self.cfg.bank == "states" and self._prepared:
             self.bank.invalidate()     # prompt states age with the prompts: refilled at the next epoch's start
         for p in self._lora.values():
             p.requires_grad_(False)
@@ -558,29 +578,23 @@ class CoCo(KnowledgeMethod):
         self._epoch_rates = []
 
     def on_fit_end(self, trainer: Any) -> None:
-        """Group guard (:func:`~cocorec.coco.guard.guard_decisions`) on the validation split."""
-        if not self.use_guard:
+        """Group guard (:class:`~cocorec.coco.guard.GroupGuard`) on the validation split."""
+        if not self.cfg.guard.guard or self.guard is None:
             return
-        self._guard_enabled.fill_(True)
+        self.guard.enabled.fill_(True)
         with_k = trainer.predict("val", use_knowledge=True)
         without = trainer.predict("val", use_knowledge=False)
-        groups = self._user_group.cpu().numpy()[with_k["user"]]
-        rep = guard_decisions(with_k["label"], with_k["prob"], without["prob"], groups, self.guard_groups,
-                              self.guard_margin, self.guard_min_samples)
-        for name in rep["disabled"]:
-            self._guard_enabled[self.guard_groups.index(name)] = False
-        self.guard_report = {"grouping": self.guard_grouping_used, "margin": self.guard_margin,
-                             "min_samples": self.guard_min_samples, **rep}
+        self.guard.decide(with_k["label"], with_k["user"], with_k["prob"], without["prob"])
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         state = dict(self.state_dict())
         for n, p in self._lora.items():
             state[f"lora/{n}"] = p.detach()
-        if getattr(self, "_guard_enabled", None) is not None:
-            state["guard/enabled"] = self._guard_enabled.to(torch.uint8)
+        if self.guard is not None:
+            state["guard/enabled"] = self.guard.enabled.to(torch.uint8)
         extra = {"scheduler": self.scheduler.state(), "n_lora_updates": self.n_lora_updates,
-                 "rate_by_epoch": self.rate_by_epoch, "guard_report": self.guard_report}
+                 "rate_by_epoch": self.rate_by_epoch, "guard_report": self.guard.report if self.guard else {}}
         state["judge/state"] = torch.frombuffer(bytearray(json.dumps(extra).encode()), dtype=torch.uint8)
         if getattr(self, "judge_stats", None) is not None:
             state["judge/user_counts"] = self.judge_stats.counts.clone()
@@ -595,7 +609,9 @@ class CoCo(KnowledgeMethod):
                     raise KeyError(f"checkpoint has no LoRA weight {n!r}")
                 p.copy_(state[f"lora/{n}"])
         if "guard/enabled" in state:
-            self._guard_enabled = state["guard/enabled"].bool().to(self.device)
+            self._guard_loaded = state["guard/enabled"].bool()
+            if self.guard is not None and len(self.guard.enabled) == len(self._guard_loaded):
+                self.guard.enabled = self._guard_loaded.to(self.device)
         if "judge/state" in state:
             extra = json.loads(bytes(state["judge/state"].cpu().numpy().tobytes()).decode())
             if extra["scheduler"]["steps"] > self.scheduler.steps:   # resuming, not restoring the best epoch
@@ -604,8 +620,8 @@ class CoCo(KnowledgeMethod):
                 self.rate_by_epoch = extra["rate_by_epoch"]
                 if "judge/user_counts" in state:
                     self.judge_stats = UserJudgeStats.from_counts(state["judge/user_counts"])
-            if extra.get("guard_report"):
-                self.guard_report = extra["guard_report"]
+            if extra.get("guard_report") and self.guard is not None:
+                self.guard.report = extra["guard_report"]
         if getattr(self, "bank", None) is not None:
             self.bank.invalidate()    # weights changed: the bank is refreshed at the next training step
 
@@ -613,8 +629,8 @@ class CoCo(KnowledgeMethod):
     @torch.no_grad()
     def code_assignments(self, users: torch.Tensor | None = None) -> torch.Tensor:
         """The code of every user (default: all users) under the current weights."""
-        users = torch.arange(len(self._user_group), device=self.device) if users is None else users.to(self.device)
-        if not self.use_vq:
+        users = torch.arange(len(self._fixed_codes), device=self.device) if users is None else users.to(self.device)
+        if not self.cfg.codebook.vq:
             return self._fixed_codes[users]
         return self.codebook.select(self._query(users))
 
@@ -623,9 +639,10 @@ class CoCo(KnowledgeMethod):
         if not self._prepared:
             return out
         codes = self.code_assignments()
-        counts = torch.bincount(codes.cpu(), minlength=self.codebook_size)
-        train_counts = torch.bincount(codes[self._train_users.to(self.device)].cpu(), minlength=self.codebook_size)
-        out["codebook"] = {"size": self.codebook_size, "vq": self.use_vq,
+        size = self.cfg.codebook.codebook_size
+        counts = torch.bincount(codes.cpu(), minlength=size)
+        train_counts = torch.bincount(codes[self._train_users.to(self.device)].cpu(), minlength=size)
+        out["codebook"] = {"size": size, "vq": self.cfg.codebook.vq,
                            "user_perplexity": perplexity(counts), "train_user_perplexity": perplexity(train_counts),
                            "users_per_code": counts.tolist(), "codes_used": int((counts > 0).sum()),
                            "step_usage_perplexity": self.codebook.usage_perplexity(),
@@ -633,7 +650,7 @@ class CoCo(KnowledgeMethod):
         steps = [r for _, r, _ in self.scheduler.history]
         w = max(1, min(self.scheduler.window, len(steps) // 4 or 1))
         out["contradiction"] = {
-            "delta": self.delta, "threshold": self.scheduler.threshold,
+            "delta": self.cfg.judge.delta, "threshold": self.scheduler.threshold,
             "rate_first_steps": float(np.mean(steps[:w])) if steps else None,
             "rate_last_steps": float(np.mean(steps[-w:])) if steps else None,
             "rate_by_epoch": self.rate_by_epoch,
@@ -644,9 +661,9 @@ class CoCo(KnowledgeMethod):
         # Per training user: how often the knowledge lowered (contradiction) or raised (helps) the
         # confidence in the true label by more than delta; with corrupt > 0, how well that separates
         # the corrupted users from the clean ones.
-        out["judge"] = {"delta": self.delta, "source": self.user_source(self._data).label,
+        out["judge"] = {"delta": self.cfg.judge.delta, "source": self.user_source(self._data).label,
                         **self.judge_stats.summary(self.user_groups().get("corrupt"))}
-        out["guard"] = self.guard_report if self.use_guard else {"enabled": False}
+        out["guard"] = self.guard.report if self.cfg.guard.guard and self.guard else {"enabled": False}
         out["kv_cache"] = {"bytes": self.kv.nbytes, "bytes_per_user": round(self.kv.bytes_per_user()),
                            "bytes_allocated": self.kv.nbytes_allocated,
                            "shared_base_dir": str(self.kv.shared_dir) if self.kv.shared_dir else None,

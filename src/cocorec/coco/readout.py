@@ -14,10 +14,37 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass
+class ReadoutConfig:
+    """The read-out's settings (config keys: ``--set method.knowledge_dim=16``).
+
+    Example:
+        >>> ReadoutConfig(knowledge_dim=8).build(hidden_size=16).mlp[-1].out_features
+        8
+    """
+
+    knowledge_dim: int = 32          # width of k_u, the knowledge field the backbone reads
+    readout_dim: int = 64            # attention width
+    readout_heads: int = 2
+    readout_hidden: int = 128        # hidden width of the MLP to k_u
+    readout_over_text: bool = True   # attend over the text's states too (False: the prompt positions only)
+
+    def __post_init__(self) -> None:
+        if min(self.knowledge_dim, self.readout_dim, self.readout_heads, self.readout_hidden) < 1:
+            raise ValueError("knowledge_dim, readout_dim, readout_heads and readout_hidden must be >= 1")
+        if self.readout_dim % self.readout_heads:
+            raise ValueError(f"readout_dim {self.readout_dim} must be divisible by readout_heads {self.readout_heads}")
+
+    def build(self, hidden_size: int) -> "CrossAttentionReadout":
+        return CrossAttentionReadout(hidden_size, self.knowledge_dim, attn_dim=self.readout_dim,
+                                     heads=self.readout_heads, mlp_hidden=(self.readout_hidden,))
 
 
 class CrossAttentionReadout(nn.Module):
