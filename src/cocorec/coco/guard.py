@@ -72,7 +72,7 @@ class GroupGuard:
         name = config.guard_grouping
         if name not in groupings:
             name = next((g for g in groupings if " x " in g), next(iter(groupings), "all"))
-        labels = list(groupings[name]) if name in groupings else []
+        labels = list(groupings.get(name, []))
         self.grouping = name
         self.names = sorted(set(labels)) or ["all"]
         index = {g: i for i, g in enumerate(self.names)}
