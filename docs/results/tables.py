@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cocorec.bench.grid import read_jsonl
-from cocorec.bench.report import BACKBONE_ORDER, METHOD_ORDER, aggregate, latest_runs, mean_std, paired_ttest
+from cocorec.bench.results import BACKBONE_ORDER, METHOD_ORDER, aggregate, latest_runs, mean_std, paired_ttest
 
 HERE = Path(__file__).resolve().parent
 GROUPING = "gender x age_group"

@@ -14,7 +14,8 @@ from scipy import stats
 
 from cocorec.bench.grid import (GridError, expand_grid, failures_path, load_grid, plan_status, read_jsonl,
                                 run_grid)
-from cocorec.bench.report import aggregate, latest_runs, paired_ttest, render_report, write_report
+from cocorec.bench.report import render_report, write_report
+from cocorec.bench.results import aggregate, latest_runs, paired_ttest
 from cocorec.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,8 @@ Python:
 """
 
 from cocorec.bench.grid import (Grid, GridError, PlannedRun, expand_grid, load_grid, plan_status, run_grid)
-from cocorec.bench.report import aggregate, load_results, paired_ttest, render_report, write_report
+from cocorec.bench.report import render_report, write_report
+from cocorec.bench.results import aggregate, load_results, paired_ttest
 
 __all__ = ["Grid", "GridError", "PlannedRun", "aggregate", "expand_grid", "load_grid", "load_results",
            "paired_ttest", "plan_status", "render_report", "run_grid", "write_report"]

@@ -91,7 +91,8 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from cocorec.bench.grid import load_grid
-    from cocorec.bench.report import load_results, write_report
+    from cocorec.bench.report import write_report
+    from cocorec.bench.results import load_results
     from cocorec.data.errors import DataError
 
     if not Path(args.results).is_file():

@@ -48,7 +48,8 @@ def run_demo(data_dir: str | None = None, quick: bool = True, out_dir: str = DEM
     Returns 0 when base, kar and coco all ran (or were already done), 1 when some failed (the table says
     which and why), 2 when none produced a result.
     """
-    from cocorec.bench.report import aggregate, latest_runs, load_results, write_report
+    from cocorec.bench.report import write_report
+    from cocorec.bench.results import aggregate, latest_runs, load_results
 
     grid = demo_grid(quick, data_dir)
     out = Path(out_dir) / ("quick" if quick else "full")

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from cocorec.bench.report import aggregate, latest_runs
+from cocorec.bench.results import aggregate, latest_runs
 
 MAX_PANELS = 12
 
