@@ -8,6 +8,7 @@ import pytest
 from cocorec.cli import main
 from cocorec.data import DataError, prepare
 from tests.conftest import write_generic
+from tests.data.helpers import edit_spec
 
 
 def _edit(path, fn):
@@ -91,10 +92,14 @@ def test_unknown_items_are_dropped_and_counted(tmp_path, cache_dir):
                for n in data.notes)
 
 
-def test_latin1_text_is_decoded(tmp_path, cache_dir):
+def test_latin1_text_is_decoded_when_declared(tmp_path, cache_dir):
     d = write_generic(tmp_path / "d")
     text = (d / "items.csv").read_text().replace("Item number 1,", "Les Misérables,")
     (d / "items.csv").write_bytes(text.encode("latin-1"))
+    # Undeclared, the file is read as UTF-8: the first undecodable byte is an error naming its line.
+    with pytest.raises(DataError, match=r"items\.csv, row 3: byte 0xe9 is not valid utf-8 .*encoding: latin-1"):
+        prepare(str(d))
+    edit_spec(d, lambda s: s["items"].update(encoding="latin-1"))
     data = prepare(str(d))
     assert any("Les Misérables" in t for t in data.item_text)
 
@@ -102,7 +107,7 @@ def test_latin1_text_is_decoded(tmp_path, cache_dir):
 def test_unknown_spec_key(tmp_path, cache_dir):
     d = write_generic(tmp_path / "d")
     (d / "dataset.yaml").write_text((d / "dataset.yaml").read_text() + "colour: blue\n")
-    with pytest.raises(DataError, match=r"dataset\.yaml: unknown keys \['colour'\]"):
+    with pytest.raises(DataError, match=r"dataset\.yaml: unknown key 'colour' \(nearest valid key: '\w+'\)$"):
         prepare(str(d))
 
 

@@ -2,6 +2,7 @@
 
 from cocorec.data.errors import DataError
 from cocorec.data.protocol import CTRData, FeatureSpec, ProtocolConfig, Split, prepare
-from cocorec.data.raw import RawData, load_raw
+from cocorec.data.raw import MOVIELENS, Domain, NegativeSampling, RawData, load_raw
 
-__all__ = ["CTRData", "DataError", "FeatureSpec", "ProtocolConfig", "RawData", "Split", "load_raw", "prepare"]
+__all__ = ["CTRData", "DataError", "Domain", "FeatureSpec", "MOVIELENS", "NegativeSampling", "ProtocolConfig",
+           "RawData", "Split", "load_raw", "prepare"]

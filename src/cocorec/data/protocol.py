@@ -3,6 +3,9 @@
 Per user, interactions are sorted by time. The first ``n_llm = min(30, len // 2)`` form the
 LM history (text for the LM; never CTR samples). Every later interaction is a sample whose
 behaviour sequence is the previous ``max_hist_len`` items. Users are split 80/10/10 with a seed.
+Implicit feedback (every row a positive): each sample gets ``negatives.ratio`` sampled negatives
+(same user, time and behaviour sequence; an item the user never interacted with), drawn with
+the split seed.
 
 Example:
     >>> from cocorec.data import prepare
@@ -24,7 +27,7 @@ import pandas as pd
 import torch
 
 from cocorec.data.errors import DataError
-from cocorec.data.raw import RawData, load_raw
+from cocorec.data.raw import MOVIELENS, Domain, NegativeSampling, RawData, load_raw
 from cocorec.utils.io import atomic_replace_dir, cache_root, key_of, read_json, to_jsonable
 
 PROTOCOL_VERSION = 2   # 2: each user's LM history is their own (1 stored them in id-as-text order)
@@ -102,6 +105,14 @@ class CTRData:
         self.item_info: list[dict[str, Any]] = meta["item_info"]
         self.notes: list[str] = meta.get("notes", [])
         self.key: str = meta.get("key", "")
+        # What the items are and what the feedback means (prompts read these). MovieLens data
+        # processed before these were recorded gets MovieLens' values.
+        dom = meta.get("domain")
+        self.domain: Domain = Domain.from_dict(dom) if dom else (MOVIELENS if name.startswith("ml-") else Domain())
+        #: ``{"type": "explicit" | "implicit", ...}``: see :func:`feedback_info`.
+        self.feedback: dict[str, Any] = meta.get("feedback") or {"type": "explicit", "rating_scale": [1.0, 5.0]}
+        #: Implicit data with a count column: the count of each LM-history interaction (else None).
+        self.llm_counts: np.ndarray | None = arrays.get("llm_counts")
 
     # ------------------------------------------------------------------ access
     def split(self, name: str) -> Split:
@@ -116,10 +127,26 @@ class CTRData:
     def split_users(self, name: str) -> np.ndarray:
         return np.unique(self.split(name).user)
 
+    @property
+    def implicit(self) -> bool:
+        """Every interaction is a positive (clicks, plays, usage counts); negatives were sampled.
+
+        The LM history's ``rating`` codes are then all 5 (= positive), never a rating: use
+        :meth:`llm_history_counts` and ``domain.feedback_meaning`` to say what the user did.
+        """
+        return self.feedback.get("type") == "implicit"
+
     def llm_history(self, user: int) -> list[tuple[int, int]]:
         """(item index, rating) pairs of the user's LM history, oldest first."""
         a, b = self.llm_offsets[user], self.llm_offsets[user + 1]
         return list(zip(self.llm_items[a:b].tolist(), self.llm_ratings[a:b].tolist()))
+
+    def llm_history_counts(self, user: int) -> list[float] | None:
+        """The counts of the user's LM-history interactions (implicit data with a count column), else None."""
+        if self.llm_counts is None:
+            return None
+        a, b = self.llm_offsets[user], self.llm_offsets[user + 1]
+        return self.llm_counts[a:b].tolist()
 
     def batch(self, split: str, idx: np.ndarray) -> dict[str, torch.Tensor]:
         """Gather a batch of samples (by row index) with all their features."""
@@ -176,7 +203,7 @@ def _clean_interactions(raw: RawData, cfg: ProtocolConfig, notes: list[str]) -> 
     if len(df) == 0:
         raise DataError("the interactions table is empty", file=src)
     before = len(df)
-    key_cols = ["user", "item", "timestamp", "rating"] + (["label"] if "label" in df else [])
+    key_cols = ["user", "item", "timestamp", "rating"] + [c for c in ("label", "count") if c in df]
     df = df.drop_duplicates(subset=key_cols, keep="first")
     if len(df) < before:
         notes.append(f"dropped {before - len(df)} exact duplicate interaction rows")
@@ -205,16 +232,39 @@ def _clean_interactions(raw: RawData, cfg: ProtocolConfig, notes: list[str]) -> 
     return df.sort_values(["user", "timestamp", "row"], kind="stable").reset_index(drop=True)
 
 
-def _rating_code(df: pd.DataFrame) -> np.ndarray:
+def _rating_code(df: pd.DataFrame, scale: tuple[float, float] | None = None) -> np.ndarray:
+    """Rating codes 1..5 of the behaviour sequence and LM history (a rating scale other than 1-5 is mapped
+    linearly onto 1-5); label-only and implicit rows: 5 = positive, 1 = negative."""
     r = df["rating"].to_numpy(dtype=float)
+    if scale is not None and tuple(scale) != (1.0, 5.0):
+        lo, hi = scale
+        r = 1.0 + 4.0 * (r - lo) / (hi - lo)
     code = np.where(np.isnan(r), np.where(df["label"].to_numpy() > 0, 5, 1), np.rint(r))
     return np.clip(code, 1, 5).astype(np.int64)
 
 
-def user_text(profile: dict[str, str], history: list[tuple[str, int]], has_ratings: bool) -> str:
-    """The text of a user's profile and LM history ``[(title, rating)]`` that CoCo's LM reads."""
+def _count_text(c: float) -> str:
+    return str(int(c)) if float(c).is_integer() else f"{c:g}"
+
+
+def user_text(profile: dict[str, str], history: list[tuple[str, int]], has_ratings: bool, *,
+              domain: Domain | None = None, counts: list[float] | None = None) -> str:
+    """The text of a user's profile and LM history ``[(title, rating)]`` that CoCo's LM reads.
+
+    Explicit data reads as today (ratings as ``r/5``; label-only data as liked / not liked), whatever
+    ``domain``. Implicit data (an implicit ``domain``) lists what the user interacted with, with
+    ``counts`` (what ``domain.feedback_meaning`` says) when the data has them: never as a rating.
+    """
     parts = [f"{k}: {v}" for k, v in profile.items() if v and v != "unknown"]
     prof = "; ".join(parts) if parts else "unknown"
+    if domain is not None and domain.implicit:
+        things = domain.item_noun_plural[:1].upper() + domain.item_noun_plural[1:]
+        if counts is not None:
+            hist = "; ".join(f"{t} ({_count_text(c)})" for (t, _), c in zip(history, counts))
+            return (f"User profile: {prof}.\n{things} the user interacted with, oldest first, with the "
+                    f"{domain.feedback_meaning}: {hist}.")
+        hist = "; ".join(t for t, _ in history)
+        return f"User profile: {prof}.\n{things} the user interacted with, oldest first: {hist}."
     if has_ratings:
         hist = "; ".join(f"{t} ({r}/5)" for t, r in history)
         return f"User profile: {prof}.\nMovies the user watched, oldest first, with their rating (1-5): {hist}."
@@ -234,10 +284,162 @@ def _item_text(info: dict[str, Any], extra: dict[str, str]) -> str:
     return s
 
 
+# ---------------------------------------------------------------------------- checks
+def check_protocol(cfg: ProtocolConfig) -> None:
+    """Settings that cannot act as written are a one-line error, before any data is read."""
+    r = tuple(cfg.split_ratios)
+    shown = "(" + ", ".join(f"{x:g}" if isinstance(x, (int, float)) else repr(x) for x in r) + ")"
+    if len(r) != 3:
+        raise DataError(f"protocol.split_ratios needs 3 shares (train, val, test), got {shown}")
+    if not all(isinstance(x, (int, float)) and np.isfinite(x) and x >= 0 for x in r):
+        raise DataError(f"protocol.split_ratios {shown}: every share must be a number >= 0")
+    total = float(sum(r))
+    if total > 1 + 1e-6:
+        raise DataError(f"protocol.split_ratios {shown} sum to {total:.6g}, over 1")
+    if total < 1 - 1e-6:
+        raise DataError(f"protocol.split_ratios {shown} sum to {total:.6g}, under 1 (the test split would "
+                        f"silently take the remaining users)")
+    for name, x in zip(SPLITS, r):
+        if x == 0:
+            raise DataError(f"protocol.split_ratios {shown}: the {name} share is 0 (every split needs users)")
+    for key, low in (("max_hist_len", 1), ("max_tags", 1), ("max_llm_history", 0), ("min_user_interactions", 1),
+                     ("split_seed", 0)):
+        v = getattr(cfg, key)
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < low:
+            raise DataError(f"protocol.{key} must be a whole number >= {low}, got {v!r}")
+    if not np.isfinite(cfg.positive_threshold):
+        raise DataError(f"protocol.positive_threshold must be a finite number, got {cfg.positive_threshold!r}")
+
+
+def check_protocol_against_data(raw: RawData, cfg: ProtocolConfig) -> None:
+    """The dataset never silently replaces a protocol setting: what a run records is what acts.
+
+    A spec's ``positive_threshold`` must equal ``protocol.positive_threshold``; a threshold that cannot
+    act (implicit feedback, given labels, outside the rating scale) is an error too.
+    """
+    src = raw.source or f"{raw.name} interactions"
+    thr = cfg.positive_threshold
+    has_rating = bool(raw.interactions["rating"].notna().any()) if len(raw.interactions) else False
+    default = ProtocolConfig().positive_threshold
+    if raw.feedback == "implicit":
+        if thr != default:
+            raise DataError(f"protocol.positive_threshold {thr:g} does not apply to feedback: implicit (every "
+                            f"interaction is a positive; negatives are sampled): leave it at {default:g}", file=src)
+        return
+    if raw.positive_threshold is not None and raw.positive_threshold != thr:
+        raise DataError(f"the spec declares positive_threshold {raw.positive_threshold:g} but "
+                        f"protocol.positive_threshold is {thr:g}; the protocol's value is the one every run records, "
+                        f"so set it (--set protocol.positive_threshold={raw.positive_threshold:g}) or remove "
+                        f"positive_threshold from the spec", file=src)
+    if not has_rating:
+        if thr != default:
+            raise DataError(f"protocol.positive_threshold {thr:g} does not apply: the dataset gives 0/1 labels, "
+                            f"not ratings (leave it at {default:g})", file=src)
+        return
+    lo, hi = raw.rating_scale or (1.0, 5.0)
+    if not lo < thr <= hi:
+        raise DataError(f"protocol.positive_threshold {thr:g} is not inside the rating scale ({lo:g}, {hi:g}]: "
+                        f"every rating would get the same label", file=src)
+
+
+def feedback_info(raw: RawData, cfg: ProtocolConfig) -> dict[str, Any]:
+    """What the prepared data records about its feedback (``CTRData.feedback``)."""
+    if raw.feedback == "implicit":
+        neg = raw.negatives or NegativeSampling()
+        return {"type": "implicit", "count_column": raw.count_column,
+                "count_meaning": raw.domain.feedback_meaning if raw.count_column else None,
+                "negatives": {"ratio": neg.ratio, "strategy": neg.strategy, "seed": cfg.split_seed,
+                              "popularity_from": "interactions of the train split's users"
+                              if neg.strategy == "popularity" else None}}
+    has_rating = bool(raw.interactions["rating"].notna().any())
+    return {"type": "explicit", "rating_scale": list(raw.rating_scale or (1.0, 5.0)) if has_rating else None,
+            "positive_threshold": cfg.positive_threshold if has_rating else None}
+
+
+_NEGATIVE_STREAM = 1   # negatives draw from [split_seed, 1, user index]; the split from split_seed alone
+
+
+class _NegativeSampler:
+    """Draws ``ratio`` distinct negatives per positive for one user at a time (see :class:`NegativeSampling`).
+
+    Each user's draws come from their own generator ``[split_seed, 1, user index]``: the same seed gives
+    the same negatives, whatever else changes in other users.
+    """
+
+    def __init__(self, neg: NegativeSampling, n_items: int, seed: int, weights: np.ndarray | None,
+                 user_ids: list[str], src: str) -> None:
+        self.ratio, self.strategy, self.n_items, self.seed = neg.ratio, neg.strategy, n_items, seed
+        self.weights, self.user_ids, self.src = weights, user_ids, src
+
+    def draw(self, uid: int, user_items: np.ndarray, m: int) -> np.ndarray:
+        r = self.ratio
+        rng = np.random.default_rng([self.seed, _NEGATIVE_STREAM, int(uid)])
+        mask = np.ones(self.n_items, dtype=bool)
+        mask[0] = False
+        mask[user_items] = False
+        cand = np.flatnonzero(mask)
+        p = None
+        if self.strategy == "popularity":
+            assert self.weights is not None
+            w = self.weights[cand]
+            cand, w = cand[w > 0], w[w > 0]
+            p = w / w.sum() if len(w) else w
+        if len(cand) < r:
+            why = " (popularity: an item no training user interacted with is never drawn)" if p is not None else ""
+            raise DataError(f"user {self.user_ids[uid]!r} leaves {len(cand)} items to sample as negatives, fewer "
+                            f"than negatives.ratio {r}{why}", file=self.src)
+        cum = np.cumsum(p) if p is not None else None
+
+        def sample(k: int) -> np.ndarray:
+            if cum is None:
+                return rng.integers(0, len(cand), size=(k, r))
+            return np.minimum(np.searchsorted(cum, rng.random((k, r)) * cum[-1], side="right"), len(cand) - 1)
+
+        idx = sample(m)
+        if r > 1:   # distinct within one positive: redraw the rows with a repeat
+            for _ in range(100):
+                srt = np.sort(idx, axis=1)
+                dup = (srt[:, 1:] == srt[:, :-1]).any(axis=1)
+                if not dup.any():
+                    break
+                idx[dup] = sample(int(dup.sum()))
+            else:
+                for i in np.flatnonzero(dup):
+                    idx[i] = rng.choice(len(cand), size=r, replace=False, p=p)
+        return cand[idx]
+
+
+def _check_both_classes(arrays: dict[str, np.ndarray], raw: RawData, cfg: ProtocolConfig) -> None:
+    """A split with one class has no AUC: an error that says so (never a NaN downstream)."""
+    src = f"{raw.name} interactions"
+    labels = {s: arrays[f"{s}/label"] for s in SPLITS}
+    every = np.concatenate(list(labels.values()))
+    rate = float(every.mean())
+    for name, lab in labels.items():
+        if len(lab) == 0 or lab.min() != lab.max():
+            continue
+        kind = "positive" if lab[0] > 0 else "negative"
+        if 0 < rate < 1:
+            why = (f"the data has both (positive rate {rate:.3f}) but this split does not: too few users in it "
+                   f"for protocol.split_ratios {tuple(cfg.split_ratios)}")
+        elif "label" in raw.interactions and raw.interactions["rating"].isna().all():
+            why = (f"every interaction is labelled {int(lab[0])}" + (
+                "; a log of positives only is implicit feedback: declare 'feedback: implicit' in the spec to "
+                "sample negatives" if lab[0] > 0 else ""))
+        elif lab[0] > 0:
+            why = (f"every rating is >= protocol.positive_threshold {cfg.positive_threshold:g}; a log of positives "
+                   f"only is implicit feedback: declare 'feedback: implicit' in the spec to sample negatives")
+        else:
+            why = f"no rating reaches protocol.positive_threshold {cfg.positive_threshold:g}"
+        raise DataError(f"the {name} split has only {kind} labels ({len(lab)} samples), so AUC is undefined: {why}",
+                        file=src)
+
+
+# ---------------------------------------------------------------------------- building
 def build(raw: RawData, cfg: ProtocolConfig) -> CTRData:
+    check_protocol(cfg)
+    check_protocol_against_data(raw, cfg)
     notes = list(raw.notes)
-    if hasattr(raw, "positive_threshold"):
-        cfg = ProtocolConfig(**{**asdict(cfg), "positive_threshold": raw.positive_threshold})
     df = _clean_interactions(raw, cfg, notes)
 
     # Items: index 0 is padding; only items that occur in interactions get an index.
@@ -295,7 +497,7 @@ def build(raw: RawData, cfg: ProtocolConfig) -> CTRData:
     # Per-user sequences -> LM history + samples.
     u = df["user"].map(user_index).to_numpy(np.int64)
     it = df["item"].map(item_index).to_numpy(np.int64)
-    rc = _rating_code(df)
+    rc = _rating_code(df, raw.rating_scale)
     lab = df["label"].to_numpy(np.float32)
     ts = df["timestamp"].to_numpy(np.int64)
     starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
@@ -316,13 +518,25 @@ def build(raw: RawData, cfg: ProtocolConfig) -> CTRData:
     llm_offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
     llm_items: list[np.ndarray] = [np.zeros(0, np.int64)] * len(user_ids)
     llm_ratings: list[np.ndarray] = [np.zeros(0, np.int64)] * len(user_ids)
+    cnt = df["count"].to_numpy(np.float64) if "count" in df else None
+    llm_counts: list[np.ndarray] = [np.zeros(0, np.float64)] * len(user_ids)
     rows: list[list[np.ndarray]] = [[], [], []]
+    sampler = None
+    if raw.feedback == "implicit":
+        neg = raw.negatives or NegativeSampling()
+        weights = None
+        if neg.strategy == "popularity":   # from the training users' interactions only
+            weights = np.bincount(it[split_of[u] == 0], minlength=n_items).astype(np.float64)
+            weights[0] = 0.0
+        sampler = _NegativeSampler(neg, n_items, cfg.split_seed, weights, user_ids, raw.source or raw.name)
     for s, e in zip(starts, ends):
         uid = u[s]
         n = e - s
         n_llm = min(cfg.max_llm_history, n // 2)
         llm_items[uid] = it[s:s + n_llm]
         llm_ratings[uid] = rc[s:s + n_llm]
+        if cnt is not None:
+            llm_counts[uid] = cnt[s:s + n_llm]
         llm_offsets[uid + 1] = n_llm
         pos = np.arange(n_llm, n)
         # hist[j, t] = item at position pos[j] - T + t (0 when before the user's first interaction)
@@ -330,9 +544,17 @@ def build(raw: RawData, cfg: ProtocolConfig) -> CTRData:
         valid = back >= 0
         hi = np.where(valid, it[s + np.clip(back, 0, None)], 0)
         hr = np.where(valid, rc[s + np.clip(back, 0, None)], 0)
-        rows[split_of[uid]].append(np.column_stack([
+        block = np.column_stack([
             np.full(len(pos), uid), it[s + pos], lab[s + pos].view(np.int32).astype(np.int64),
-            ts[s + pos], pos, hi, hr]))
+            ts[s + pos], pos, hi, hr])
+        if sampler is not None and len(pos):
+            # Each positive is followed by its negatives: same user, time, position and behaviour sequence.
+            negs = sampler.draw(uid, it[s:e], len(pos))
+            r = negs.shape[1]
+            block = np.repeat(block, r + 1, axis=0)
+            block[:, 1] = np.column_stack([it[s + pos], negs]).reshape(-1)
+            block[np.arange(len(block)) % (r + 1) != 0, 2] = 0   # label 0.0 (float32 bits)
+        rows[split_of[uid]].append(block)
     llm_offsets = np.cumsum(llm_offsets)
 
     arrays: dict[str, np.ndarray] = {
@@ -341,6 +563,8 @@ def build(raw: RawData, cfg: ProtocolConfig) -> CTRData:
         "llm_items": np.concatenate(llm_items) if llm_items else np.zeros(0, np.int64),
         "llm_ratings": np.concatenate(llm_ratings) if llm_ratings else np.zeros(0, np.int64),
     }
+    if cnt is not None:
+        arrays["llm_counts"] = np.concatenate(llm_counts) if llm_counts else np.zeros(0, np.float64)
     for k, name in enumerate(SPLITS):
         m = np.concatenate(rows[k]) if rows[k] else np.zeros((0, 5 + 2 * T), np.int64)
         arrays[f"{name}/user"] = m[:, 0].copy()
@@ -353,6 +577,13 @@ def build(raw: RawData, cfg: ProtocolConfig) -> CTRData:
         if len(m) == 0:
             raise DataError(f"the {name} split has no samples: too few users ({len(user_ids)}) for the split "
                             f"ratios {cfg.split_ratios}", file=f"{raw.name} interactions")
+    _check_both_classes(arrays, raw, cfg)
+    feedback = feedback_info(raw, cfg)
+    if sampler is not None:
+        n_neg = sum(int((arrays[f"{s}/label"] == 0).sum()) for s in SPLITS)
+        neg_info = feedback["negatives"]
+        notes.append(f"implicit feedback: sampled {n_neg} negatives ({neg_info['ratio']} per positive, "
+                     f"{neg_info['strategy']}, seed {neg_info['seed']})")
 
     # Texts for the LM methods.
     has_ratings = bool(raw.interactions["rating"].notna().any())
@@ -369,14 +600,15 @@ def build(raw: RawData, cfg: ProtocolConfig) -> CTRData:
     for uid in range(len(user_ids)):
         a, b = llm_offsets[uid], llm_offsets[uid + 1]
         hist = [(item_info[i]["title"], int(r)) for i, r in zip(arrays["llm_items"][a:b], arrays["llm_ratings"][a:b])]
-        user_texts.append(user_text(user_profile[uid], hist, has_ratings))
+        counts = arrays["llm_counts"][a:b].tolist() if "llm_counts" in arrays else None
+        user_texts.append(user_text(user_profile[uid], hist, has_ratings, domain=raw.domain, counts=counts))
 
     spec = FeatureSpec(n_items=n_items, n_tags=len(tag_vocab) + 1, max_tags=cfg.max_tags, max_hist_len=T,
                        user_fields=user_fields, item_fields=item_fields)
     meta = {"name": raw.name, "spec": asdict(spec), "config": asdict(cfg), "user_ids": user_ids,
             "item_ids": item_ids, "user_text": user_texts, "item_text": item_text, "user_groups": user_groups,
             "user_profile": user_profile, "item_info": item_info, "tag_vocab": tag_vocab, "notes": notes,
-            "has_ratings": has_ratings}
+            "has_ratings": has_ratings, "domain": raw.domain.to_dict(), "feedback": feedback}
     return CTRData(raw.name, spec, cfg, arrays, meta)
 
 
@@ -409,7 +641,9 @@ def prepare(dataset: str, config: ProtocolConfig | None = None, data_dir: str | 
     so changed data or settings never reuse a stale cache.
     """
     cfg = config or ProtocolConfig()
+    check_protocol(cfg)                     # bad settings fail before any data is read
     raw = load_raw(dataset, data_dir, download)
+    check_protocol_against_data(raw, cfg)   # ... and settings the data contradicts, before any processing
     key = key_of(PROTOCOL_VERSION, raw.name, raw.fingerprint, asdict(cfg))
     directory = cache_root() / "processed" / f"{raw.name.replace('/', '_')}-{key}"
     if cache and (directory / "meta.json").is_file():

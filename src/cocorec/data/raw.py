@@ -3,8 +3,11 @@
 Every source is read into one canonical `RawData`:
 
 * ``interactions``: columns ``user`` (str), ``item`` (str), ``rating`` (float, NaN when
-  the data has labels only), ``label`` (int 0/1), ``timestamp`` (int64 seconds), ``row`` (1-based
-  line number in the source file, for error messages).
+  the data has labels only or is implicit), ``label`` (int 0/1; all 1 for implicit feedback),
+  ``timestamp`` (int64 seconds), ``row`` (1-based line number in the source file, for error
+  messages), and ``count`` (float > 0) for implicit feedback with a count column.
+* ``domain``: what the items are and what the feedback means (:class:`Domain`), ``feedback``
+  (explicit | implicit) and, for implicit data, how negatives are drawn (:class:`NegativeSampling`).
 * ``items``: indexed by ``item`` (str) with ``title`` (str), ``year`` (float, NaN when unknown),
   ``tags`` (list of str, e.g. genres), plus any extra text columns (``text_columns``) and
   categorical feature columns (``item_categorical``).
@@ -18,10 +21,13 @@ downloaded from GroupLens and are checked against their published md5 before use
 
 from __future__ import annotations
 
+import codecs
+import difflib
 import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import urllib.request
@@ -62,6 +68,85 @@ ARCHIVES = {
 }
 
 
+# ----------------------------------------------------------------------------- domain and feedback
+#: KAR's scenario factors of the movie domain (the same as ``cocorec.knowledge.prompts.FACTORS``).
+MOVIELENS_FACTORS: tuple[str, ...] = ("genre", "director/actors", "era/country", "plot/theme", "mood",
+                                      "critical acclaim")
+#: Factors of a dataset whose spec names none: neutral, so no movie wording reaches another domain.
+GENERIC_FACTORS: tuple[str, ...] = ("category", "features", "style", "quality", "popularity")
+#: How a profile value is worded (``{field}``: the column, ``{value}``: its value); a column not named
+#: here reads ``"{field} {value}"``. These are today's prompt wordings (gender and occupation bare).
+DEFAULT_PROFILE_WORDING: dict[str, str] = {"gender": "{value}", "age": "age {value}", "occupation": "{value}"}
+FEEDBACK_KINDS = ("explicit", "implicit")
+NEGATIVE_STRATEGIES = ("uniform", "popularity")
+
+
+@dataclass(frozen=True)
+class Domain:
+    """What a dataset is about, in the words prompts and texts use.
+
+    Parsed from the spec's ``domain`` section (docs/data-format.md); MovieLens gets the values today's
+    prompts use. Stored in the prepared data (``CTRData.domain``).
+
+    Example:
+        >>> MOVIELENS.item_noun, MOVIELENS.implicit
+        ('movie', False)
+        >>> MOVIELENS.profile_phrase({"gender": "male", "age": "18-24", "zip": "9"})
+        'male, age 18-24, zip 9'
+    """
+
+    item_noun: str = "item"                   # "movie": one item, in prompts
+    item_noun_plural: str = "items"           # "movies"
+    feedback: str = "explicit"                # explicit (ratings or 0/1 labels) | implicit (every row a positive)
+    feedback_meaning: str = "rating from 1 to 5"   # what a rating (explicit) or a count (implicit) means
+    factors: tuple[str, ...] = GENERIC_FACTORS      # KAR's scenario factors
+    profile_fields: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROFILE_WORDING))
+
+    @property
+    def implicit(self) -> bool:
+        return self.feedback == "implicit"
+
+    def profile_wording(self, column: str) -> str:
+        """The template a profile column is worded with (``{field}`` and ``{value}`` filled in)."""
+        return self.profile_fields.get(column, "{field} {value}")
+
+    def profile_phrase(self, profile: dict[str, str]) -> str:
+        """A user's profile in words (unknown or empty values left out), e.g. ``"male, age 18-24"``."""
+        parts = []
+        for k, v in profile.items():
+            v = str(v).strip()
+            if not v or v.lower() in ("unknown", "nan", "none"):
+                continue
+            parts.append(self.profile_wording(k).format(field=k, value=v))
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"item_noun": self.item_noun, "item_noun_plural": self.item_noun_plural, "feedback": self.feedback,
+                "feedback_meaning": self.feedback_meaning, "factors": list(self.factors),
+                "profile_fields": dict(self.profile_fields)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Domain":
+        return cls(**{**d, "factors": tuple(d["factors"]), "profile_fields": dict(d["profile_fields"])})
+
+
+MOVIELENS = Domain(item_noun="movie", item_noun_plural="movies", feedback="explicit",
+                   feedback_meaning="rating from 1 (bad) to 5 (great)", factors=MOVIELENS_FACTORS)
+
+
+@dataclass(frozen=True)
+class NegativeSampling:
+    """Negatives drawn per positive of an implicit-feedback dataset (spec section ``negatives``).
+
+    ``ratio`` negatives per positive, never an item the user interacted with, distinct within one
+    positive; ``uniform`` over the other items or ``popularity``-weighted (by the item's interaction
+    count among the training split's users). Seeded by the protocol's ``split_seed``.
+    """
+
+    ratio: int = 2
+    strategy: str = "uniform"
+
+
 @dataclass
 class RawData:
     """A dataset in canonical form, before the CTR protocol is applied."""
@@ -76,10 +161,19 @@ class RawData:
     group_columns: list[str] = field(default_factory=list)
     fingerprint: str = ""  # content hash of the source files: part of every cache key
     notes: list[str] = field(default_factory=list)  # counted, documented handling ("dropped 3 duplicates")
+    domain: Domain = field(default_factory=Domain)
+    feedback: str = "explicit"                            # explicit | implicit
+    rating_scale: tuple[float, float] | None = (1.0, 5.0)   # explicit ratings' range (None: no ratings)
+    positive_threshold: float | None = None               # declared by the spec (must equal the protocol's)
+    count_column: str | None = None                       # implicit: the source column of ``interactions.count``
+    negatives: NegativeSampling | None = None             # implicit: how negatives are drawn
+    source: str = ""                                      # the spec file (generic format), for error messages
 
 
-def _sha_files(paths: list[Path]) -> str:
+def _sha_files(paths: list[Path], salt: str = "") -> str:
     h = hashlib.sha256()
+    if salt:
+        h.update(salt.encode())
     for p in sorted(paths):
         h.update(p.name.encode())
         with open(p, "rb") as f:
@@ -139,8 +233,18 @@ def _to_int(df: pd.DataFrame, col: str, path: Path, what: str = "an integer") ->
     return values.to_numpy()
 
 
+def _check_scale(rating: np.ndarray, df: pd.DataFrame, path: Path, col: str, scale: tuple[float, float]) -> None:
+    lo, hi = scale
+    bad = ~((rating >= lo) & (rating <= hi))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"rating {df[col].iloc[i]!r} is outside the rating scale [{lo:g}, {hi:g}]", file=str(path),
+                        row=int(df["row"].iloc[i]), column=col)
+
+
 def _ratings_frame(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     rating = _to_int(df, "rating", path, "a number").astype(np.float64)
+    _check_scale(rating, df, path, "rating", (1.0, 5.0))
     ts = _to_int(df, "timestamp", path, "a unix timestamp").astype(np.int64)
     return pd.DataFrame({
         "user": df["user"].str.strip().to_numpy(), "item": df["item"].str.strip().to_numpy(),
@@ -231,7 +335,8 @@ def load_ml100k(data_dir: str | os.PathLike | None = None, download: bool = Fals
     users["age_group"] = users["age"].map(GROUP_AGE)
     return RawData("ml-100k", inter, items, users,
                    user_categorical=["gender", "age", "occupation", "zip"], item_categorical=["decade"],
-                   group_columns=["gender", "age_group"], fingerprint=_sha_files([p_data, p_item, p_user]))
+                   group_columns=["gender", "age_group"], fingerprint=_sha_files([p_data, p_item, p_user]),
+                   domain=MOVIELENS)
 
 
 def load_ml1m_3k(data_dir: str | os.PathLike | None = None, download: bool = False) -> RawData:
@@ -269,28 +374,182 @@ def load_ml1m_3k(data_dir: str | os.PathLike | None = None, download: bool = Fal
     return RawData("ml-1m-3k", inter, items, users,
                    user_categorical=["gender", "age", "occupation", "zip"], item_categorical=["decade"],
                    group_columns=["gender", "age_group"],
-                   fingerprint=_sha_files([p_ratings, p_movies, p_users]))
+                   fingerprint=_sha_files([p_ratings, p_movies, p_users]), domain=MOVIELENS)
 
 
 # ----------------------------------------------------------------------------- generic format
 GENERIC_SPEC_NAMES = ("dataset.yaml", "dataset.yml", "dataset.json")
+# Part of every generic dataset's fingerprint: raise it when the generic format's processing changes,
+# so processed generic data is rebuilt (MovieLens fingerprints are the files' alone).
+GENERIC_FORMAT = "generic-format-2"   # 2: strict spec, implicit feedback, domain, declared encodings
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def _is_name(v: Any) -> bool:
+    return isinstance(v, str) and v.strip() != ""
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# A spec value's check and how the error names what it expects.
+_NAME = (_is_name, "a non-empty string")
+_NAMES = (lambda v: isinstance(v, list) and all(_is_name(x) for x in v), "a list of non-empty strings")
+_NUMBER = (_is_number, "a number")
+_RATIO = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1")
+_SCALE = (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v) and v[0] < v[1],
+          "[lowest, highest] with lowest < highest")
+_FACTORS = (lambda v: isinstance(v, list) and len(v) > 0 and all(_is_name(x) for x in v),
+            "a non-empty list of non-empty strings")
+_WORDING = (lambda v: isinstance(v, dict) and all(_is_name(k) and _is_name(x) for k, x in v.items()),
+            "a mapping of profile column to wording")
+
+
+def _one_of(*values: str) -> tuple[Any, str]:
+    return (lambda v: v in values, "one of " + ", ".join(values))
+
+
+_TABLE = {"file": _NAME, "sep": (lambda v: isinstance(v, str) and v != "", "a non-empty string"), "encoding": _NAME}
+#: Every key the spec may hold, at every level (a dict is a section).
+SPEC_SCHEMA: dict[str, Any] = {
+    "name": _NAME,
+    "feedback": _one_of(*FEEDBACK_KINDS),
+    "positive_threshold": _NUMBER,
+    "negatives": {"ratio": _RATIO, "strategy": _one_of(*NEGATIVE_STRATEGIES)},
+    "interactions": {**_TABLE, "user": _NAME, "item": _NAME, "rating": _NAME, "rating_scale": _SCALE,
+                     "label": _NAME, "count": _NAME, "timestamp": _NAME},
+    "items": {**_TABLE, "item": _NAME, "title": _NAME, "year": _NAME, "tags": _NAME, "tags_sep": _TABLE["sep"],
+              "text": _NAMES, "categorical": _NAMES},
+    "users": {**_TABLE, "user": _NAME, "profile": _NAMES, "groups": _NAMES},
+    "domain": {"item_noun": _NAME, "item_noun_plural": _NAME, "feedback_meaning": _NAME, "factors": _FACTORS,
+               "profile_fields": _WORDING},
+}
+
+
+def _check_keys(spec: Any, schema: dict[str, Any], where: str, spec_path: Path) -> dict[str, Any]:
+    """Reject unknown keys (naming the nearest valid one) and values of the wrong kind, at every level.
+
+    A key whose value is null counts as absent. Returns the section without its null keys.
+    """
+    if not isinstance(spec, dict):
+        what = f"'{where[:-1]}'" if where else "the spec"
+        raise DataError(f"{what} must be a mapping of keys to values, got {spec!r}"[:300], file=str(spec_path))
+    out = {}
+    for key, value in spec.items():
+        k = str(key)
+        if k not in schema:
+            near = difflib.get_close_matches(k, list(schema), n=1, cutoff=0.0)
+            hint = f" (nearest valid key: '{where}{near[0]}')" if near else ""
+            raise DataError(f"unknown key '{where}{k}'{hint}", file=str(spec_path))
+        if value is None:
+            continue
+        rule = schema[k]
+        if isinstance(rule, dict):
+            out[k] = _check_keys(value, rule, f"{where}{k}.", spec_path)
+        else:
+            check, expected = rule
+            if not check(value):
+                raise DataError(f"'{where}{k}' must be {expected}, got {value!r}"[:300], file=str(spec_path))
+            out[k] = value
+    return out
+
+
+def _check_semantics(spec: dict[str, Any], spec_path: Path) -> None:
+    """Combinations of keys that cannot act as written: each is an error, before any table is read."""
+    def fail(msg: str) -> None:
+        raise DataError(msg, file=str(spec_path))
+
+    for section in ("interactions", "items"):
+        if section not in spec:
+            fail("the spec must have 'interactions' and 'items' sections")
+    si = spec["interactions"]
+    implicit = spec.get("feedback", "explicit") == "implicit"
+    if implicit:
+        for k in ("rating", "label", "rating_scale"):
+            if k in si:
+                fail(f"feedback: implicit takes no 'interactions.{k}' (every row is a positive; "
+                     f"a count or weight goes in 'interactions.count')")
+        if "positive_threshold" in spec:
+            fail("positive_threshold applies to explicit ratings, not to feedback: implicit")
+    else:
+        if "negatives" in spec:
+            fail("'negatives' applies to feedback: implicit (this spec's feedback is explicit; "
+                 "add 'feedback: implicit' if every row is a positive)")
+        if "count" in si:
+            fail("'interactions.count' applies to feedback: implicit (this spec's feedback is explicit)")
+        if "rating" not in si and "label" not in si:
+            fail("the interactions section needs a 'rating' or a 'label' column (or 'feedback: implicit')")
+        if "rating_scale" in si and "rating" not in si:
+            fail("'interactions.rating_scale' needs an 'interactions.rating' column")
+        if "positive_threshold" in spec:
+            if "rating" not in si:
+                fail("positive_threshold needs an 'interactions.rating' column (the labels are given)")
+            lo, hi = si.get("rating_scale", (1, 5))
+            t = spec["positive_threshold"]
+            if not lo < t <= hi:
+                fail(f"positive_threshold {t:g} is not inside the rating scale ({lo:g}, {hi:g}]: "
+                     f"every rating would get the same label")
+    for section in ("interactions", "items", "users"):
+        enc = spec.get(section, {}).get("encoding")
+        if enc is not None:
+            try:
+                codecs.lookup(enc)
+            except LookupError:
+                fail(f"'{section}.encoding': unknown encoding {enc!r} (e.g. utf-8, latin-1, cp1252)")
+    dom = spec.get("domain", {})
+    profile = spec.get("users", {}).get("profile", [])
+    for g in spec.get("users", {}).get("groups", []):
+        if g not in profile:
+            fail(f"group column {g!r} is not a profile column (users.profile: {', '.join(profile) or 'none'})")
+    for col, wording in dom.get("profile_fields", {}).items():
+        if col not in profile:
+            fail(f"'domain.profile_fields' words {col!r}, which is not a 'users.profile' column "
+                 f"(profile: {', '.join(profile) or 'none'})")
+        try:
+            ok = "{value}" in wording and isinstance(wording.format(field=col, value="x"), str)
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            fail(f"'domain.profile_fields.{col}' must be a wording with {{value}} (and optionally {{field}}), "
+                 f"got {wording!r}")
+
+
+def _decode(path: Path, encoding: str) -> str:
+    """The file's text in its declared encoding; an undecodable byte is an error naming its line."""
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    codec = codecs.lookup(encoding).name
+    try:
+        return raw.decode("utf-8-sig" if codec == "utf-8" else encoding)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"byte 0x{raw[e.start]:02x} is not valid {encoding} (a file in another encoding: "
+                        f"declare it, e.g. encoding: latin-1, in the table's section of the spec)",
+                        file=str(path), row=line) from None
+
+
+def _read_table(path: Path, sep: str | None = None, encoding: str | None = None) -> pd.DataFrame:
+    """Read a CSV/TSV (any name when ``sep`` or ``encoding`` is given) or Parquet table as strings.
+
+    ``row`` is the line number of each row (the header is line 1; Parquet: 1-based row number).
+    """
     if not path.is_file():
         raise DataError("file not found", file=str(path))
+    parquet = path.suffix in (".parquet", ".pq")
+    text_name = path.suffix in (".csv", ".tsv", ".txt") or path.name.endswith((".csv.gz", ".tsv.gz", ".txt.gz"))
     try:
-        if path.suffix in (".parquet", ".pq"):
+        if parquet:
+            if sep is not None or encoding is not None:
+                raise DataError("sep and encoding apply to text tables, not to Parquet", file=str(path))
             df = pd.read_parquet(path)
-        elif path.suffix in (".csv", ".tsv", ".txt") or path.name.endswith((".csv.gz", ".tsv.gz")):
-            sep = "\t" if ".tsv" in path.name else ","
-            try:
-                df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8")
-            except UnicodeDecodeError:
-                # latin-1 text is common in older datasets (MovieLens): decode it rather than fail.
-                df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="latin-1")
+        elif text_name or sep is not None or encoding is not None:
+            if sep is None:
+                sep = "\t" if ".tsv" in path.name else ","
+            text = _decode(path, encoding or "utf-8")
+            kw: dict[str, Any] = {"sep": sep} if len(sep) == 1 else {"sep": re.escape(sep), "engine": "python"}
+            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, **kw)
         else:
-            raise DataError("unsupported table format (use .csv, .tsv or .parquet)", file=str(path))
+            raise DataError("unsupported table format (use .csv, .tsv or .parquet, or give the table's sep)",
+                            file=str(path))
     except DataError:
         raise
     except Exception as e:  # pandas/pyarrow parse errors: one line, naming the file
@@ -298,7 +557,7 @@ def _read_table(path: Path) -> pd.DataFrame:
     if len(df) == 0:
         raise DataError("the table is empty", file=str(path))
     df = df.reset_index(drop=True)
-    df["row"] = np.arange(len(df)) + 2 if path.suffix != ".parquet" else np.arange(len(df)) + 1
+    df["row"] = np.arange(len(df)) + 1 if parquet else np.arange(len(df)) + 2
     return df
 
 
@@ -306,9 +565,24 @@ def _col(df: pd.DataFrame, name: str | None, path: Path, role: str) -> pd.Series
     if name is None:
         raise DataError(f"the dataset spec does not name the {role} column", file=str(path))
     if name not in df.columns:
-        cols = ", ".join(c for c in df.columns if c != "row")
-        raise DataError(f"missing {role} column (have: {cols})", file=str(path), column=name)
+        have = [str(c) for c in df.columns if c != "row"]
+        cols = ", ".join(c.encode("unicode_escape").decode() for c in have)
+        hint = ""
+        if len(have) == 1:
+            found = next((s for s in ("\t", ";", "|", ",") if s in have[0]), None)
+            if found:
+                hint = f"; the header holds {found!r}: give the table's separator as sep in the spec"
+        raise DataError(f"missing {role} column (have: {cols}){hint}", file=str(path), column=name)
     return df[name]
+
+
+def _numbers(df: pd.DataFrame, c: str, path: Path, role: str) -> np.ndarray:
+    vals = pd.to_numeric(_col(df, c, path, role), errors="coerce")
+    if vals.isna().any():
+        i = int(np.argmax(vals.isna().to_numpy()))
+        raise DataError(f"{role} {df[c].iloc[i]!r} is not a number", file=str(path), row=int(df["row"].iloc[i]),
+                        column=c)
+    return vals.to_numpy(dtype=np.float64)
 
 
 def _parse_timestamp(s: pd.Series, df: pd.DataFrame, path: Path, col: str) -> np.ndarray:
@@ -330,44 +604,72 @@ def _parse_timestamp(s: pd.Series, df: pd.DataFrame, path: Path, col: str) -> np
         [int(x.timestamp()) for x in dt], dtype=np.int64)
 
 
-def load_generic(directory: str | os.PathLike) -> RawData:
-    """Load a user's own data: see docs/data-format.md for the layout and spec file."""
-    d = Path(directory)
+def _domain(spec: dict[str, Any], name: str) -> Domain:
+    """The dataset's domain: the spec's ``domain`` section over the defaults (MovieLens' for ``ml-*``)."""
+    dom = spec.get("domain", {})
+    base = MOVIELENS if name.startswith("ml-") else Domain()
+    si = spec["interactions"]
+    feedback = spec.get("feedback", "explicit")
+    noun = dom.get("item_noun", base.item_noun)
+    plural = dom.get("item_noun_plural", base.item_noun_plural if "item_noun" not in dom else noun + "s")
+    if feedback == "implicit":
+        meaning = (f"number of times the user interacted with the {noun}" if "count" in si
+                   else f"the user interacted with the {noun}")
+    elif "rating" in si:
+        lo, hi = si.get("rating_scale", (1, 5))
+        meaning = base.feedback_meaning if base is MOVIELENS and (lo, hi) == (1, 5) else f"rating from {lo:g} to {hi:g}"
+    else:
+        meaning = f"whether the user liked the {noun} (1) or not (0)"
+    return Domain(item_noun=noun, item_noun_plural=plural, feedback=feedback,
+                  feedback_meaning=dom.get("feedback_meaning", meaning),
+                  factors=tuple(dom.get("factors", base.factors)),
+                  profile_fields={**base.profile_fields, **dom.get("profile_fields", {})})
+
+
+def _read_spec(d: Path) -> tuple[Path, dict[str, Any]]:
     spec_path = next((d / n for n in GENERIC_SPEC_NAMES if (d / n).is_file()), None)
     if spec_path is None:
         raise DataError(f"no dataset spec ({' / '.join(GENERIC_SPEC_NAMES)}) in {d}")
     try:
+        text = spec_path.read_text(encoding="utf-8")
         if spec_path.suffix == ".json":
-            spec = json.loads(spec_path.read_text())
+            spec = json.loads(text)
         else:
             import yaml
-            spec = yaml.safe_load(spec_path.read_text())
+            spec = yaml.safe_load(text)
     except Exception as e:
         raise DataError(f"cannot parse the spec: {str(e).splitlines()[0]}", file=str(spec_path)) from None
-    if not isinstance(spec, dict) or "interactions" not in spec or "items" not in spec:
-        raise DataError("the spec must have 'interactions' and 'items' sections", file=str(spec_path))
-    known = {"name", "interactions", "items", "users", "positive_threshold"}
-    unknown = set(spec) - known
-    if unknown:
-        raise DataError(f"unknown keys {sorted(unknown)} (allowed: {sorted(known)})", file=str(spec_path))
+    spec = _check_keys(spec, SPEC_SCHEMA, "", spec_path)
+    _check_semantics(spec, spec_path)
+    return spec_path, spec
+
+
+def load_generic(directory: str | os.PathLike) -> RawData:
+    """Load a user's own data: see docs/data-format.md for the layout and spec file.
+
+    The spec is checked whole (unknown keys at every level, wrong kinds of value, keys that cannot act
+    together) before any table is read.
+    """
+    d = Path(directory)
+    spec_path, spec = _read_spec(d)
+    implicit = spec.get("feedback") == "implicit"
 
     notes: list[str] = []
     si = spec["interactions"]
     p_int = d / si.get("file", "interactions.csv")
-    df = _read_table(p_int)
+    df = _read_table(p_int, si.get("sep"), si.get("encoding"))
     user = _col(df, si.get("user", "user"), p_int, "user").astype(str).str.strip()
     item = _col(df, si.get("item", "item"), p_int, "item").astype(str).str.strip()
     rating = np.full(len(df), np.nan)
     label = None
-    if si.get("rating"):
+    count = None
+    scale = None
+    if "rating" in si:
         c = si["rating"]
-        vals = pd.to_numeric(_col(df, c, p_int, "rating"), errors="coerce")
-        if vals.isna().any():
-            i = int(np.argmax(vals.isna().to_numpy()))
-            raise DataError(f"rating {df[c].iloc[i]!r} is not a number", file=str(p_int),
-                            row=int(df["row"].iloc[i]), column=c)
-        rating = vals.to_numpy(dtype=np.float64)
-    if si.get("label"):
+        rating = _numbers(df, c, p_int, "rating")
+        scale = tuple(float(x) for x in si.get("rating_scale", (1, 5)))
+        _check_scale(rating, df, p_int, c, scale)  # type: ignore[arg-type]
+    if "label" in si:
         c = si["label"]
         vals = pd.to_numeric(_col(df, c, p_int, "label"), errors="coerce")
         if vals.isna().any() or not vals.isin([0, 1]).all():
@@ -375,70 +677,83 @@ def load_generic(directory: str | os.PathLike) -> RawData:
             raise DataError(f"label {df[c].iloc[i]!r} is not 0 or 1", file=str(p_int),
                             row=int(df["row"].iloc[i]), column=c)
         label = vals.to_numpy(dtype=np.int64)
-    if not si.get("rating") and not si.get("label"):
-        raise DataError("the interactions section needs a 'rating' or a 'label' column", file=str(spec_path))
+    if implicit:
+        label = np.ones(len(df), dtype=np.int64)   # every row is a positive; negatives are sampled
+        if "count" in si:
+            c = si["count"]
+            count = _numbers(df, c, p_int, "count")
+            bad = ~(np.isfinite(count) & (count > 0))
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise DataError(f"count {df[c].iloc[i]!r} is not a positive number (every row is a positive "
+                                f"interaction)", file=str(p_int), row=int(df["row"].iloc[i]), column=c)
     tcol = si.get("timestamp", "timestamp")
     ts = _parse_timestamp(_col(df, tcol, p_int, "timestamp"), df, p_int, tcol)
     inter = pd.DataFrame({"user": user.to_numpy(), "item": item.to_numpy(), "rating": rating,
                           "timestamp": ts, "row": df["row"].to_numpy()})
     if label is not None:
         inter["label"] = label
+    if count is not None:
+        inter["count"] = count
 
     sm = spec["items"]
     p_items = d / sm.get("file", "items.csv")
-    it = _read_table(p_items)
+    it = _read_table(p_items, sm.get("sep"), sm.get("encoding"))
     ids = _col(it, sm.get("item", "item"), p_items, "item").astype(str).str.strip()
     dup = ids.duplicated()
     if dup.any():
         i = int(np.argmax(dup.to_numpy()))
         raise DataError(f"duplicate item id {ids.iloc[i]!r}", file=str(p_items), row=int(it["row"].iloc[i]))
     title = _col(it, sm.get("title", "title"), p_items, "title").astype(str)
-    if sm.get("year"):
+    if "year" in sm:
         year = pd.to_numeric(_col(it, sm["year"], p_items, "year"), errors="coerce").to_numpy(dtype=float)
     else:
         year = title.map(_year_from_title).to_numpy()
         title = title.map(_strip_year)
     sep = sm.get("tags_sep", "|")
-    if sm.get("tags"):
+    if "tags" in sm:
         tags = _col(it, sm["tags"], p_items, "tags").astype(str).map(
             lambda s: [t.strip() for t in s.split(sep) if t.strip()]).tolist()
     else:
         tags = [[] for _ in range(len(it))]
     items = pd.DataFrame({"title": title.to_numpy(), "year": year, "tags": tags},
                          index=pd.Index(ids.to_numpy(), name="item"))
-    text_cols = list(sm.get("text", []) or [])
-    cat_cols = list(sm.get("categorical", []) or [])
+    text_cols = list(sm.get("text", []))
+    cat_cols = list(sm.get("categorical", []))
     for c in text_cols + cat_cols:
         items[c] = _col(it, c, p_items, "item text/categorical").astype(str).to_numpy()
 
     users = None
     user_cat: list[str] = []
     groups: list[str] = []
-    if spec.get("users"):
+    files = [spec_path, p_int, p_items]
+    if "users" in spec:
         su = spec["users"]
         p_users = d / su.get("file", "users.csv")
-        us = _read_table(p_users)
+        files.append(p_users)
+        us = _read_table(p_users, su.get("sep"), su.get("encoding"))
         uids = _col(us, su.get("user", "user"), p_users, "user").astype(str).str.strip()
-        user_cat = list(su.get("profile", []) or [])
+        user_cat = list(su.get("profile", []))
         users = pd.DataFrame(index=pd.Index(uids.to_numpy(), name="user"))
         for c in user_cat:
             users[c] = _col(us, c, p_users, "profile").astype(str).to_numpy()
-        groups = list(su.get("groups", user_cat[:2]) or [])
-        for g in groups:
-            if g not in users.columns:
-                raise DataError(f"group column {g!r} is not a profile column", file=str(spec_path))
+        groups = list(su.get("groups", user_cat[:2]))   # each a profile column (checked with the spec)
         dup = users.index.duplicated()
         if dup.any():
             n = int(dup.sum())
             notes.append(f"{p_users.name}: dropped {n} rows with a repeated user id (kept the first)")
             users = users[~dup]
 
-    files = [spec_path, p_int, p_items] + ([d / spec["users"].get("file", "users.csv")] if spec.get("users") else [])
-    raw = RawData(spec.get("name", d.name), inter, items, users, user_categorical=user_cat,
-                  item_categorical=["decade"] + cat_cols, text_columns=text_cols, group_columns=groups,
-                  fingerprint=_sha_files(files), notes=notes)
-    raw.positive_threshold = float(spec.get("positive_threshold", 4))  # type: ignore[attr-defined]
-    return raw
+    name = spec.get("name", d.name)
+    threshold = spec.get("positive_threshold")
+    return RawData(name, inter, items, users, user_categorical=user_cat,
+                   item_categorical=["decade"] + cat_cols, text_columns=text_cols, group_columns=groups,
+                   fingerprint=_sha_files(files, salt=GENERIC_FORMAT), notes=notes, domain=_domain(spec, name),
+                   feedback="implicit" if implicit else "explicit", rating_scale=scale,  # type: ignore[arg-type]
+                   positive_threshold=None if threshold is None else float(threshold),
+                   count_column=si.get("count"),
+                   negatives=NegativeSampling(**spec.get("negatives", {})) if implicit else None,
+                   source=str(spec_path))
 
 
 BUILTIN = {"ml-100k": load_ml100k, "ml-1m-3k": load_ml1m_3k}
