@@ -126,4 +126,5 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, cache_dir, capsys):
 
 def test_cli_rejects_bad_override(capsys, cache_dir):
     assert main(["train", "--set", "train.lr=fast", "--results", ""]) == 2
-    assert "train.lr" in capsys.readouterr().err or True
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "lr" in err[0] and "'fast'" in err[0]
