@@ -60,6 +60,7 @@ def test_spec_domain(tmp_path, cache_dir):
     assert (dom.item_noun, dom.item_noun_plural) == ("app", "apps")
     assert dom.factors == ("category", "purpose", "price") and dom.implicit
     assert dom.profile_phrase(data.user_profile[0]) in ("from FR", "from DE")
+    assert Domain.from_dict(dom.to_dict()) == dom and hash(Domain.from_dict(dom.to_dict())) == hash(dom)
     again = prepare(str(d))                       # from the processed-data cache: the same domain
     assert again.domain == dom and again.feedback == data.feedback
     edit_spec(d, lambda s: s["domain"].update(item_noun="bus", item_noun_plural="buses"))

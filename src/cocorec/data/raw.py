@@ -100,7 +100,7 @@ class Domain:
     feedback: str = "explicit"                # explicit (ratings or 0/1 labels) | implicit (every row a positive)
     feedback_meaning: str = "rating from 1 to 5"   # what a rating (explicit) or a count (implicit) means
     factors: tuple[str, ...] = GENERIC_FACTORS      # KAR's scenario factors
-    profile_fields: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROFILE_WORDING))
+    profile_fields: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROFILE_WORDING), hash=False)
 
     @property
     def implicit(self) -> bool:
