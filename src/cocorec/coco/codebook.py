@@ -1,4 +1,4 @@
-"""The VQ codebook of CoCo (DESIGN 4.2): K keys, each with a soft prompt of L LM-input vectors.
+"""The VQ codebook of CoCo : K keys, each with a soft prompt of L LM-input vectors.
 
 A user's query ``q_u`` picks the nearest key ``k* = argmin_k ||q_u - c_k||``; the soft prompt
 ``P_k*`` goes to the LM. The VQ loss is ``||sg(q) - c_k*||^2 + beta ||q - sg(c_k*)||^2``.

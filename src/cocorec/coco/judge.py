@@ -1,4 +1,4 @@
-"""CoCo's judge (DESIGN 4.7-4.8): confidence, contradiction mask, rate tracking, phase schedule.
+"""CoCo's judge : confidence, contradiction mask, rate tracking, phase schedule.
 
 * Confidence in the true label: ``c(p) = y p + (1 - y)(1 - p)``.
 * A sample *contradicts* when the knowledge lowers that confidence by more than ``delta``:

@@ -1,8 +1,8 @@
-"""The per-user user-text KV cache of CoCo (DESIGN 4.3 and 7).
+"""The per-user user-text KV cache of CoCo (docs/coco.md, "KV storage").
 
 The soft prompt is a *suffix*: the keys/values of the user's text do not depend on it. While
 LoRA is frozen they are computed once per user and reused, so a training step runs only the L
-prompt positions through the LM (15x cheaper on a 2-core CPU for SmolLM2 at 256 tokens).
+prompt positions through the LM (benchmarks/RESULTS.md: the cost against a full pass).
 
 Storage is ragged (no padding): token-major arrays ``kv [n_tokens, layers, 2, kv_heads, head_dim]``
 and ``hidden [n_tokens, hidden]`` (the last-layer hidden states of the text, which the read-out

@@ -1,4 +1,4 @@
-"""CoCo as a knowledge method (DESIGN section 4), its ablations, and the static soft prompt.
+"""CoCo as a knowledge method (docs/coco.md), its ablations, and the static soft prompt.
 
 Registered methods (``--method``):
 
@@ -25,9 +25,9 @@ One training step (collaboration phase, LoRA frozen):
 5. loss = BCE on all samples (knowledge dropout zeroes k for a fraction of the samples, which
    trains p0 = f(x, 0)) + VQ loss + ``align_weight`` x InfoNCE(k_u, positive item embeddings).
 
-The bank bounds the LM work per step: a 1024-sample batch of ml-100k holds ~560 users, and a
-2-core CPU can run the suffix pass (forward + backward) for ~30 of them per second. Without it an
-epoch would take half an hour.
+The bank bounds the LM work per step: a 1024-sample batch of ml-100k holds ~560 users, and the
+suffix pass (forward + backward) of every one of them at every step would cost the LM work of an
+epoch per step (benchmarks/RESULTS.md has the step costs).
 
 Contradiction phase (``judge=True``; entered when the recent contradiction rate exceeds
 ``rate_threshold``): the live users are those with contradicting samples (at most
@@ -86,8 +86,8 @@ NO_USER_TEXT = "A user."
 
 
 def resolve_lm_dtype(dtype: str, device: torch.device) -> str:
-    """``auto``: bf16 on CUDA, and on a CPU with native bf16 (AVX512-BF16/AMX: 2x faster than fp32 there,
-    measured on SmolLM2), else float32. Anything else is passed through."""
+    """``auto``: bf16 on CUDA, and on a CPU with native bf16 (AVX512-BF16/AMX, where bf16 matmuls are
+    faster than fp32), else float32. Anything else is passed through."""
     if dtype != "auto":
         return dtype
     if device.type == "cuda":

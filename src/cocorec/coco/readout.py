@@ -1,4 +1,4 @@
-"""CoCo's read-out (DESIGN 4.4): cross-attention from the prompt positions over H_u, then an MLP to k_u.
+"""CoCo's read-out : cross-attention from the prompt positions over H_u, then an MLP to k_u.
 
 H_u is the LM's last-layer hidden states of the user text followed by the soft prompt. The L
 prompt positions are the queries; keys/values are all positions of H_u (text padding masked).

@@ -1,6 +1,6 @@
 """KAR and R4ec: LM-generated text knowledge, encoded, cached, fused by a hybrid-expert adaptor.
 
-Pipeline (DESIGN section 3):
+Pipeline:
 
 1. **Generate** (LM, greedy) per user a *preference reasoning* over the scenario factors and per
    item a *factual description* over the same factors (:mod:`cocorec.knowledge.prompts`).
@@ -99,8 +99,8 @@ def encoder_dim(name: str) -> int:
 def user_history(data: Any, user: int) -> list[tuple[str, Any, int]]:
     """``[(title, None, rating)]`` of the user's LM history, oldest first.
 
-    Years are left out of the history (they cost ~30% more prompt tokens on a 2-core CPU); the item
-    prompts carry them.
+    Years are left out of the history (they make the prompt markedly longer); the item prompts
+    carry them.
     """
     return [(data.item_info[i]["title"], None, r) for i, r in data.llm_history(user)]
 

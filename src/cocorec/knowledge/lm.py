@@ -8,7 +8,7 @@ Sources accepted by :func:`load_lm` (``LMConfig.name_or_path``):
 * a local Hugging Face model directory (with ``config.json``).
 * a Hugging Face model id, from the offline cache only (``HF_HUB_OFFLINE=1``).
 
-A GGUF file is parsed and dequantized once (~20 s for SmolLM2 on a 2-core CPU) and saved as a
+A GGUF file is parsed and dequantized once (tens of seconds for SmolLM2) and saved as a
 safetensors model under ``$COCOREC_CACHE/lm/<name>-<sha256[:16]>/`` (default
 ``~/.cache/cocorec/lm/...``); later loads read that directory (<1 s). ``trust_remote_code`` is
 always off.
@@ -168,7 +168,7 @@ def _one_line(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Transformers version differences (5.17 on the GPU machine, 5.24 here)
+# Transformers version differences (the pinned 5.24 and the older 5.x releases GPU images carry)
 
 
 def cache_kwarg_name(module: torch.nn.Module) -> str:
