@@ -19,13 +19,19 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import types
 import typing
 from typing import Any, Callable, Mapping
 
 
 class ConfigError(ValueError):
-    """An override names an unknown key or gives a value of the wrong type."""
+    """An override names an unknown key, gives a value of the wrong type, or a value out of its range."""
+
+
+class RunError(ValueError):
+    """A run that cannot start or cannot be written: its output directory holds another run or is not
+    writable, or a metric is not a number. The CLI prints it as one line and exits 2."""
 
 
 def parse_value(raw: Any, annotation: Any, key: str) -> Any:
@@ -126,6 +132,33 @@ def check_kwargs(target: Callable[..., Any], overrides: Mapping[str, Any], what:
             raise ConfigError(f"unknown key '{k}' for {what} (allowed: {', '.join(sorted(params))})")
         out[k] = parse_value(v, hints.get(k, params[k].annotation), k)
     return out
+
+
+def check_value(name: str, value: Any, rule: str) -> None:
+    """Check a numeric setting against ``rule``; a one-line ConfigError naming ``name`` if it fails.
+
+    Rules: ``positive`` (> 0), ``non-negative`` (>= 0), ``at-least-1`` (>= 1), ``fraction`` (0 <= v <= 1),
+    each optionally ``optional-...`` (None accepted). Numbers must be finite.
+
+    Example:
+        >>> check_value("train.lr", 0.001, "positive")
+        >>> check_value("train.batch_size", 0, "positive")
+        Traceback (most recent call last):
+        ...
+        cocorec.config.ConfigError: train.batch_size must be > 0, got 0
+    """
+    if rule.startswith("optional-"):
+        if value is None:
+            return
+        rule = rule[len("optional-"):]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    ok, need = {"positive": (value > 0, "> 0"), "non-negative": (value >= 0, ">= 0"),
+                "at-least-1": (value >= 1, ">= 1"), "fraction": (0 <= value <= 1, "between 0 and 1")}[rule]
+    if not ok:
+        raise ConfigError(f"{name} must be {need}, got {value!r}")
 
 
 def parse_assignments(items: list[str] | None) -> dict[str, dict[str, str]]:

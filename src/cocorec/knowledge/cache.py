@@ -94,12 +94,13 @@ class _ShardedCache:
         self.key = namespace_key
         self.dir = Path(root) / namespace_key
         meta_path = self.dir / "meta.json"
-        if meta_path.exists():
-            stored = read_json(meta_path)
+        stored = self._read_meta(meta_path) if meta_path.exists() else None
+        if stored is not None:
             if stored.get("key") != namespace_key or stored.get("kind") != self.kind:
                 raise CacheError(
                     f"{self.dir}: meta.json says key={stored.get('key')!r} kind={stored.get('kind')!r}, "
-                    f"expected key={namespace_key!r} kind={self.kind!r}; refusing to reuse a stale cache"
+                    f"expected key={namespace_key!r} kind={self.kind!r}; refusing to reuse a stale cache "
+                    f"(clear it with: rm -r {self.dir})"
                 )
             self.meta: dict[str, Any] = dict(stored.get("meta") or {})
         else:
@@ -111,6 +112,26 @@ class _ShardedCache:
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
             )
         self.refresh()
+
+    def _read_meta(self, meta_path: Path) -> dict[str, Any] | None:
+        """The stored meta.json, or None if it is unreadable (truncated, not JSON, not an object): it is then
+        rebuilt, since the directory's name is the namespace key and the shards carry their own content. Shards
+        of another kind of cache in the directory cannot be told apart that way: a CacheError with the command
+        that clears the directory."""
+        try:
+            stored = read_json(meta_path)
+            if isinstance(stored, dict):
+                return stored
+            why = f"a JSON {type(stored).__name__}, not an object"
+        except (OSError, ValueError) as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            why = " ".join(str(e).split())[:120]
+        other = [p.name for p in self.dir.glob("shard-*") if not p.name.endswith(self.suffix)]
+        if other:
+            raise CacheError(f"{meta_path}: unreadable ({why}) and the directory holds shards of another kind "
+                             f"(e.g. {other[0]}); clear it with: rm -r {self.dir}")
+        warnings.warn(f"{meta_path}: unreadable ({why}); rebuilt it (the directory's name is the namespace key; "
+                      f"its {len(self._shards())} shard(s) are kept)", stacklevel=3)
+        return None
 
     def _shards(self) -> list[Path]:
         # Temporary files start with "." (see cocorec.utils.io), so they never match.

@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -30,6 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cocorec.config import ConfigError, RunError, check_value
+from cocorec.data.errors import DataError
 from cocorec.data.protocol import CTRData
 from cocorec.eval.metrics import evaluate_predictions
 from cocorec.knowledge.base import KnowledgeMethod
@@ -54,11 +55,29 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     threads: int | None = None          # torch CPU threads (None: torch default)
 
+    # What each number must be (checked whenever a TrainConfig is made, e.g. by ``--set train.lr=-1``).
+    _RULES = {"epochs": "at-least-1", "batch_size": "at-least-1", "eval_batch_size": "at-least-1",
+              "lr": "positive", "weight_decay": "non-negative", "embedding_l2": "non-negative",
+              "patience": "at-least-1", "grad_clip": "non-negative", "max_steps_per_epoch": "optional-at-least-1",
+              "threads": "optional-at-least-1"}
+
+    def __post_init__(self) -> None:
+        for name, rule in self._RULES.items():
+            check_value(f"train.{name}", getattr(self, name), rule)
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}") from None
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but no CUDA device is available here (use auto or cpu)")
+    return dev
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -93,9 +112,38 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def load_safetensors(path: Path, hint: str = "") -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a damaged or truncated one is a one-line DataError naming it (+ ``hint``)."""
     from safetensors.torch import load_file
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found" + (f"; {hint}" if hint else "")) from None
+    except Exception as e:  # SafetensorError, OSError, ...: a truncated or foreign file
+        why = " ".join(str(e).split())[:200]
+        raise DataError(f"{path}: not a readable safetensors file ({why})" + (f"; {hint}" if hint else "")) from None
+
+
+def check_finite_metrics(metrics: dict[str, Any], where: str, keys: tuple[str, ...] = ("auc", "logloss", "gauc"),
+                         split_labels: np.ndarray | None = None) -> None:
+    """A RunError naming the first metric of ``metrics`` that is not a finite number (NaN is never written)."""
+    for k in keys:
+        v = metrics.get(k)
+        if v is None or not math.isfinite(float(v)):
+            why = ""
+            if split_labels is not None:
+                n, pos = len(split_labels), int(np.sum(np.asarray(split_labels) > 0.5))
+                if n == 0:
+                    why = " (the split is empty)"
+                elif pos in (0, n):
+                    why = f" (the split's {n} samples are all {'positive' if pos else 'negative'}: one class)"
+                elif k == "gauc":
+                    why = " (no user of the split has both classes)"
+            raise RunError(f"metric {where}.{k} is {v}{why}; nothing written")
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 class Trainer:
@@ -202,6 +250,7 @@ class Trainer:
             self.samples_seen += n_samples
             self.method.on_epoch_end(self.epoch)
             val = self.evaluate("val")
+            check_finite_metrics(val, f"val (epoch {self.epoch + 1})", split_labels=self.data.split("val").label)
             entry = {"epoch": self.epoch + 1, "step": self.step,
                      **{f"train_{k}": v / max(n_samples, 1) for k, v in logs_sum.items()},
                      **{f"val_{k}": v for k, v in val.items() if k in ("auc", "logloss", "gauc")},
@@ -280,11 +329,12 @@ class Trainer:
         directory.mkdir(parents=True, exist_ok=True)
         save_safetensors_atomic(self._tensors(), directory / "model.safetensors",
                                 metadata={"run_key": self.run_key, "epoch": str(self.epoch + 1)})
-        atomic_write_json(directory / "trainer.json", {"epoch": self.epoch + 1, "val_auc": self.best_auc,
+        atomic_write_json(directory / "trainer.json", {"epoch": self.epoch + 1, "val_auc": _finite(self.best_auc),
                                                        "run_key": self.run_key})
 
     def load_checkpoint(self, directory: Path) -> None:
-        tensors = load_safetensors(directory / "model.safetensors")
+        tensors = load_safetensors(directory / "model.safetensors",
+                                   hint=f"the best checkpoint is damaged: remove {directory} and rerun to retrain")
         self._load_tensors(tensors)
 
     def _load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -304,7 +354,7 @@ class Trainer:
         tensors["rng/torch"] = torch.get_rng_state()
         save_safetensors_atomic(tensors, d / "state.safetensors")
         atomic_write_json(d / "state.json", {
-            "run_key": self.run_key, "epoch": self.epoch, "step": self.step, "best_auc": self.best_auc,
+            "run_key": self.run_key, "epoch": self.epoch, "step": self.step, "best_auc": _finite(self.best_auc),
             "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "history": self.history,
             "train_seconds": self.train_seconds, "samples_seen": self.samples_seen, "optimizer": opt_meta,
             "config": asdict(self.cfg)})
@@ -315,17 +365,23 @@ class Trainer:
         d = self.output_dir / "last"
         if not (d / "state.json").is_file() or not (d / "state.safetensors").is_file():
             return
-        meta = read_json(d / "state.json")
-        if meta.get("run_key") != self.run_key:
+        hint = f"remove {d} to restart the run from its first epoch"
+        try:
+            meta = read_json(d / "state.json")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{d / 'state.json'}: not valid JSON ({e}); {hint}") from None
+        if not isinstance(meta, dict) or meta.get("run_key") != self.run_key:
             if not self.quiet:
                 print(f"note: {d} belongs to a different configuration; starting fresh")
             return
-        tensors = load_safetensors(d / "state.safetensors")
+        tensors = load_safetensors(d / "state.safetensors", hint=hint)
         self._load_tensors(tensors)
         self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
         torch.set_rng_state(tensors["rng/torch"])
         self.epoch, self.step = meta["epoch"], meta["step"]
-        self.best_auc, self.best_epoch, self.bad_epochs = meta["best_auc"], meta["best_epoch"], meta["bad_epochs"]
+        best = meta["best_auc"]
+        self.best_auc = -math.inf if best is None else best   # None: no epoch improved yet (-inf is not JSON)
+        self.best_epoch, self.bad_epochs = meta["best_epoch"], meta["bad_epochs"]
         self.history, self.train_seconds = meta["history"], meta["train_seconds"]
         self.samples_seen = meta["samples_seen"]
         if not self.quiet:

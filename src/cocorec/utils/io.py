@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -65,8 +66,63 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+def first_nonfinite(obj: Any, where: str = "") -> tuple[str, float] | None:
+    """Where the first NaN/Infinity of a JSON-like object sits (``test.auc``, ``history[2].loss``) and its
+    value, or None."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (where or "the value", obj)
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            hit = first_nonfinite(v, f"{where}.{k}" if where else str(k))
+            if hit:
+                return hit
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            hit = first_nonfinite(v, f"{where}[{i}]")
+            if hit:
+                return hit
+    return None
+
+
+def strict_json_dumps(obj: Any, what: str = "JSON", **kwargs: Any) -> str:
+    """``json.dumps(..., allow_nan=False)``: NaN/Infinity are not JSON, so they are never written.
+
+    A non-finite number is a ValueError naming where it sits:
+
+        >>> strict_json_dumps({"test": {"auc": float("nan")}}, "metrics.json")
+        Traceback (most recent call last):
+        ...
+        ValueError: metrics.json: test.auc is nan, which is not valid JSON; nothing written
+    """
+    obj = to_jsonable(obj)
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError:
+        hit = first_nonfinite(obj)
+        if hit is None:
+            raise
+        raise ValueError(f"{what}: {hit[0]} is {hit[1]}, which is not valid JSON; nothing written") from None
+
+
+def nonfinite_to_none(obj: Any) -> Any:
+    """Replace NaN/Infinity by None (JSON null) - for values that are legitimately undefined, e.g. the AUC
+    of a group with one class. Headline metrics are checked instead (a NaN there is an error)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, np.floating):
+        return nonfinite_to_none(float(obj))
+    if isinstance(obj, Mapping):
+        return {k: nonfinite_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nonfinite_to_none(v) for v in obj]
+    if isinstance(obj, np.ndarray) and obj.dtype.kind == "f":
+        return nonfinite_to_none(obj.tolist())
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
-    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=indent, sort_keys=False) + "\n")
+    """Write strict JSON atomically (NaN/Infinity refused with a message naming the key, see strict_json_dumps)."""
+    atomic_write_text(path, strict_json_dumps(obj, str(path), indent=indent, sort_keys=False) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
