@@ -5,7 +5,8 @@
     cocorec train --dataset ml-100k --backbone din --method base --seed 0 --output runs/din-base-0
     cocorec demo
 
-Bad input (data, config, model paths) ends with one ``error: ...`` line and exit code 2.
+Bad input (data, config, model paths, an output directory holding another run) ends with one
+``error: ...`` line and exit code 2; a file system error (disk full, permissions) with one line and 1.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Callable
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from cocorec.config import ConfigError, parse_assignments  # noqa: E402
+from cocorec.config import ConfigError, RunError, parse_assignments  # noqa: E402
 from cocorec.data.errors import DataError  # noqa: E402
 
 # Subcommand modules register themselves here: name -> (add_arguments, handler).
@@ -43,6 +44,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a setting, e.g. train.lr=0.002 model.embedding_dim=32 method.codebook_size=8")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch logs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --output (of another configuration, or finished) instead of refusing")
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -71,7 +74,7 @@ def build_run_config(args: argparse.Namespace) -> Any:
 
     cfg = RunConfig(dataset=args.dataset, backbone=args.backbone.lower(), method=args.method.lower(), seed=args.seed,
                     output=args.output, data_dir=args.data_dir, download=args.download, results=args.results or None,
-                    quiet=args.quiet)
+                    quiet=args.quiet, overwrite=getattr(args, "overwrite", False))
     sections = parse_assignments(args.overrides)
     if args.epochs is not None:
         sections.setdefault("train", {})["epochs"] = str(args.epochs)
@@ -88,11 +91,18 @@ def _print_metrics(m: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cocorec.train.run import run
+    from cocorec.train.run import execute
 
     cfg = build_run_config(args)
-    metrics = run(cfg)
-    _print_metrics(metrics)
+    res = execute(cfg)
+    _print_metrics(res.metrics)
+    if res.status == "done":
+        print(f"already done: {cfg.output} holds this finished run (run key {cfg.key()}); nothing retrained or "
+              f"rewritten (--overwrite retrains it)")
+        if cfg.results:
+            print(f"restored its missing line in {cfg.results}" if res.appended
+                  else f"nothing appended to {cfg.results} (its line is there)")
+        return 0
     if cfg.output:
         print(f"wrote {cfg.output}/metrics.json")
     if cfg.results:
@@ -108,12 +118,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from cocorec.serve import load_scorer
+    from cocorec.serve.scorer import dedupe, read_item_ids
 
-    scorer = load_scorer(args.run, data_dir=args.data_dir)
-    items = [i.strip() for i in args.items.split(",") if i.strip()]
-    scores = scorer.score_user(args.user, items)
-    for item, p in sorted(zip(items, scores), key=lambda t: -t[1]):
-        print(f"{item}\t{p:.4f}")
+    if (args.items is None) == (args.items_file is None):
+        raise ConfigError("give the candidates with one of --items ID,ID,... or --items-file FILE")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.items is not None:
+        raw = [i.strip() for i in args.items.split(",") if i.strip()]
+        if not raw:
+            raise ConfigError(f"--items {args.items!r} holds no item id: give comma-separated ids (e.g. "
+                              f"--items 242,302) or --items-file FILE")
+    else:
+        raw = read_item_ids(args.items_file)
+    items = dedupe(raw)
+    if len(items) < len(raw):
+        print(f"note: scoring {len(items)} distinct items ({len(raw) - len(items)} repeated ids dropped)",
+              file=sys.stderr)
+    scorer = load_scorer(args.run, data_dir=args.data_dir, dataset=args.dataset)
+    scores = scorer.score_user(args.user, items, batch_size=args.batch_size)
+    order = sorted(range(len(items)), key=lambda j: -scores[j])
+    sys.stdout.writelines(f"{items[j]}\t{scores[j]:.4f}\n" for j in order)
     return 0
 
 
@@ -131,8 +156,13 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score candidate items for a user with a trained run (no retraining)")
     p.add_argument("--run", required=True, help="run directory written by 'cocorec train --output'")
     p.add_argument("--user", required=True, help="the dataset's own user id")
-    p.add_argument("--items", required=True, help="comma-separated item ids")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--items", default=None, help="comma-separated item ids")
+    p.add_argument("--items-file", default=None,
+                   help="file of candidate item ids: one a line, or Parquet with one column (repeats dropped)")
+    p.add_argument("--batch-size", type=int, default=4096, help="items scored at a time (bounds memory)")
+    p.add_argument("--data-dir", default=None, help="directory holding the dataset (default: the run's own)")
+    p.add_argument("--dataset", default=None,
+                   help="the run's dataset, if it moved (default: found from the run's checkpoint)")
     p.set_defaults(func=cmd_score)
     p = sub.add_parser("demo", help="the main job on the embedded default (ml-100k)")
     p.add_argument("--data-dir", default=None)
@@ -156,19 +186,29 @@ def _load_extra_commands() -> None:
                 raise
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     _load_extra_commands()
     args = make_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DataError, ConfigError, RunError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except ValueError as e:  # LMError and other input errors raised as ValueError subclasses
-        if type(e).__name__ in ("LMError",):
-            print(f"error: {e}", file=sys.stderr)
+        if type(e).__name__ in ("LMError", "CacheError"):
+            print(f"error: {_one_line(e)}", file=sys.stderr)
             return 2
         raise
+    except FloatingPointError as e:   # a diverged loss: the trainer names epoch, step and the fix
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except OSError as e:   # disk full, permissions: the message names the file
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -1,5 +1,11 @@
 """One full run: data -> backbone + method -> fit -> evaluate -> metrics.json + a results line.
 
+Runs are never lost. Before any data is read the settings are checked and the output directory and
+results file must be writable; then the output directory decides: empty (train), this run interrupted
+(resume from ``last/``), this run finished (nothing is rerun, rewritten or appended; only a results
+line it lacks is restored), another configuration's run (refused; ``overwrite=True`` / ``--overwrite``
+replaces it). metrics.json and the results line are strict JSON: a NaN metric is an error naming it.
+
 Example:
     >>> cfg = RunConfig(dataset="ml-100k", backbone="din", method="base", seed=0, output="runs/din")
     >>> metrics = run(cfg)                                   # doctest: +SKIP
@@ -10,11 +16,14 @@ Example:
 from __future__ import annotations
 
 import datetime as _dt
+import difflib
 import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,14 +31,14 @@ from typing import Any
 
 import torch
 
-from cocorec.config import ConfigError, apply_overrides, check_kwargs
+from cocorec.config import ConfigError, RunError, apply_overrides, check_kwargs
 from cocorec.data.protocol import PROTOCOL_VERSION, CTRData, ProtocolConfig, prepare
 from cocorec.eval.knowledge import knowledge_report, user_derangement
 from cocorec.eval.metrics import evaluate_predictions, group_metrics
 from cocorec.knowledge.base import METHODS, build_method, check_method_args, import_methods, method_label
 from cocorec.models import MODELS, build_model
-from cocorec.train.trainer import TrainConfig, Trainer
-from cocorec.utils.io import atomic_write_json, key_of, to_jsonable
+from cocorec.train.trainer import TrainConfig, Trainer, check_finite_metrics, resolve_device
+from cocorec.utils.io import atomic_write_json, key_of, nonfinite_to_none, read_json, strict_json_dumps, to_jsonable
 from cocorec.utils.seed import seed_everything
 
 DEFAULT_RESULTS = "runs/results.jsonl"
@@ -53,6 +62,7 @@ class RunConfig:
     method_args: dict[str, Any] = field(default_factory=dict)  # method constructor kwargs
     quiet: bool = False
     label_keys: tuple[str, ...] = ()   # method settings named in the run's label (a grid entry's own settings)
+    overwrite: bool = False            # replace a run of another configuration (or a finished one) in ``output``
 
     def with_overrides(self, sections: dict[str, dict[str, str]]) -> "RunConfig":
         """Apply ``section.key=value`` overrides; unknown sections/keys and wrong types are rejected."""
@@ -65,14 +75,15 @@ class RunConfig:
             elif section == "model":
                 cls = MODELS.get(cfg.backbone)
                 if cls is None:
-                    raise ConfigError(f"unknown backbone {cfg.backbone!r}")
+                    raise ConfigError(_one_of("backbone", cfg.backbone, sorted(MODELS)))
                 cfg = _replace(cfg, model={**cfg.model, **check_kwargs(cls, kv, f"backbone {cfg.backbone}")})
             elif section == "method":
                 import_methods()
                 factory = METHODS.get(cfg.method)
                 if factory is None:
-                    raise ConfigError(f"unknown method {cfg.method!r}; one of {sorted(METHODS)}")
-                cfg = _replace(cfg, method_args={**cfg.method_args, **check_kwargs(factory, kv, f"method {cfg.method}")})
+                    raise ConfigError(_one_of("method", cfg.method, sorted(METHODS)))
+                args = check_kwargs(factory, kv, f"method {cfg.method}")
+                cfg = _replace(cfg, method_args={**cfg.method_args, **args})
                 check_method_args(cfg.method, cfg.method_args)   # e.g. a bad source: an error before any data
             else:
                 raise ConfigError(f"unknown config section {section!r} (use train., protocol., model., method.)")
@@ -81,7 +92,7 @@ class RunConfig:
     def key(self) -> str:
         """Identity of the run's configuration (output/results paths and verbosity excluded)."""
         d = asdict(self)
-        for k in ("output", "results", "quiet", "data_dir", "download", "label_keys"):
+        for k in ("output", "results", "quiet", "data_dir", "download", "label_keys", "overwrite"):
             d.pop(k)
         d["protocol_version"] = PROTOCOL_VERSION    # a run on data processed otherwise is another run
         return key_of(d)
@@ -128,7 +139,7 @@ def append_result(path: str | Path, record: dict[str, Any]) -> None:
     """Append one JSON line (a single write, so concurrent runs do not interleave lines)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(to_jsonable(record), sort_keys=False) + "\n"
+    line = strict_json_dumps(record, str(p), sort_keys=False) + "\n"   # NaN is not JSON: refused
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         os.write(fd, line.encode("utf-8"))
@@ -136,24 +147,268 @@ def append_result(path: str | Path, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
+def _one_of(name: str, value: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(value, choices, n=1)
+    return f"unknown {name} {value!r}" + (f" (did you mean {close[0]!r}?)" if close else "") + \
+        f"; one of {', '.join(choices)}"
+
+
+def validate(cfg: RunConfig) -> None:
+    """Every check that needs no data: backbone, method and its settings, seed (TrainConfig checks its own)."""
+    if not cfg.dataset:
+        raise ConfigError("the dataset is empty: give --dataset ml-100k, ml-1m-3k or a generic-format directory")
+    if cfg.backbone not in MODELS:
+        raise ConfigError(_one_of("backbone", cfg.backbone, sorted(MODELS)))
+    import_methods()
+    if cfg.method not in METHODS:
+        raise ConfigError(_one_of("method", cfg.method, sorted(METHODS)))
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed must be an integer from 0 to 2**32 - 1, got {cfg.seed!r}")
+    check_method_args(cfg.method, cfg.method_args)   # e.g. a bad source: an error before any data
+    resolve_device(cfg.train.device)                  # cuda asked for where there is none
+
+
+# ----------------------------------------------------------------------------- the output directory
+def _nearest_existing(p: Path) -> Path:
+    p = Path(os.path.abspath(p))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _probe_dir(d: Path, what: str, fix: str) -> None:
+    """Create and remove a file in ``d``: the only test of writability that also holds for root, ACLs
+    and read-only mounts."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".cocorec-write-test-", dir=d)
+    except OSError as e:
+        raise RunError(f"{what} is not writable: cannot create a file in {d} ({e.strerror or e}); {fix}") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def check_writable(output: str | os.PathLike | None, results: str | os.PathLike | None) -> None:
+    """A RunError unless the output directory and the results file can be written (checked before any work)."""
+    if output:
+        out = Path(output)
+        what, fix = f"output directory {out}", "choose another --output or fix its permissions"
+        if out.exists() and not out.is_dir():
+            raise RunError(f"{what}: {out} exists and is not a directory; choose another --output")
+        base = _nearest_existing(out)
+        if not base.is_dir():
+            raise RunError(f"{what}: {base} is a file, not a directory; choose another --output")
+        _probe_dir(base, what, fix)
+        for sub in ("checkpoint", "last"):
+            if (out / sub).is_dir():
+                _probe_dir(out / sub, what, fix)
+    if results:
+        r = Path(results)
+        what, fix = f"results file {r}", "choose another --results or fix its permissions"
+        if r.is_dir():
+            raise RunError(f"{what} is a directory, not a file; choose another --results")
+        if r.exists():
+            try:
+                with open(r, "ab"):
+                    pass
+            except OSError as e:
+                raise RunError(f"{what} is not writable ({e.strerror or e}); {fix}") from None
+        else:
+            base = _nearest_existing(r.parent)
+            if not base.is_dir():
+                raise RunError(f"{what}: {base} is a file, not a directory; choose another --results")
+            _probe_dir(base, what, fix)
+
+
+@dataclass
+class OutputState:
+    """What an output directory holds for a run about to start there."""
+
+    kind: str                          # new | resume | finished | replace
+    metrics: dict[str, Any] | None = None   # ``finished``: the run's metrics.json
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _config_diff(old: dict[str, Any], cfg: RunConfig, limit: int = 3) -> str:
+    """The settings in which the run found in a directory differs from ``cfg`` (``train.lr 0.001 -> 0.01``)."""
+    new = to_jsonable({"dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method, "seed": cfg.seed,
+                       "protocol": asdict(cfg.protocol), "train": asdict(cfg.train), "model": cfg.model,
+                       "method_args": cfg.method_args})
+    old = to_jsonable({k: old[k] for k in new if k in old})
+    new = {k: v for k, v in new.items() if k in old}
+    a, b = _flat(old), _flat(new)
+    diffs = []
+    for k in sorted(set(a) | set(b), key=lambda k: (k not in a or k not in b, k.count("."), k)):
+        va, vb = a.get(k, "(unset)"), b.get(k, "(unset)")
+        if json.dumps(va, sort_keys=True) != json.dumps(vb, sort_keys=True):
+            diffs.append(f"{k.replace('method_args.', 'method.')} {json.dumps(va)} -> {json.dumps(vb)}")
+    if not diffs:
+        return "the run keys differ"
+    more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return "it differs in " + ", ".join(diffs[:limit]) + more
+
+
+def inspect_output(cfg: RunConfig) -> OutputState:
+    """What ``cfg.output`` holds: nothing (new), this run interrupted (resume), this run finished
+    (finished), or - with ``cfg.overwrite`` - anything to replace. Another configuration's run, finished
+    or not, is a RunError: runs are never overwritten by accident."""
+    if not cfg.output:
+        return OutputState("new")
+    out = Path(cfg.output)
+    metrics_p, state_p = out / "metrics.json", out / "last" / "state.json"
+    trainer_p = out / "checkpoint" / "trainer.json"
+    if not any(p.exists() for p in (metrics_p, state_p, trainer_p)):
+        return OutputState("new")
+    if cfg.overwrite:
+        return OutputState("replace")
+    fix = f"use another --output, or pass --overwrite to replace the run in {out}"
+    found = metrics_p if metrics_p.exists() else state_p if state_p.exists() else trainer_p
+    try:
+        stored = read_json(found)
+        old_key = stored["config"]["run_key"] if found == metrics_p else stored["run_key"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = f"no {e} field" if isinstance(e, KeyError) else (" ".join(str(e).split())[:120] or type(e).__name__)
+        raise RunError(f"{found}: unreadable ({why}), so which run {out} holds is unknown; {fix}") from None
+    key = cfg.key()
+    if old_key == key:
+        return OutputState("finished", stored) if found == metrics_p else OutputState("resume")
+    if found == metrics_p:
+        old, what = stored["config"], "a finished run"
+    elif found == state_p:
+        old = {"train": stored.get("config") or {}}
+        what = f"an unfinished run (stopped after epoch {stored.get('epoch')})"
+    else:
+        old, what = {}, "an unfinished run"
+    raise RunError(f"output directory {out} holds {what} of another configuration ({_config_diff(old, cfg)}); "
+                   f"{fix}")
+
+
+def _clear_run(out: Path) -> None:
+    """Remove a run's own files (the completion marker first), for ``--overwrite``."""
+    (out / "metrics.json").unlink(missing_ok=True)
+    for sub in ("checkpoint", "last"):
+        if (out / sub).is_dir():
+            shutil.rmtree(out / sub)
+
+
+def check_splits(data: CTRData) -> None:
+    """AUC needs both classes: a one-class or empty val/test split is an error before any training."""
+    for name in ("val", "test"):
+        y = data.split(name).label
+        n, pos = len(y), int((y > 0.5).sum())
+        if n == 0:
+            raise RunError(f"the {name} split is empty: nothing to evaluate; nothing trained")
+        if pos in (0, n):
+            raise RunError(f"the {name} split's {n} samples are all {'positive' if pos else 'negative'}: AUC is "
+                           f"undefined with one class; nothing trained")
+
+
+# ----------------------------------------------------------------------------- results lines
+def results_record(metrics: dict[str, Any], output: str | None) -> dict[str, Any]:
+    """The results line of a finished run, from its metrics alone (so a lost line can be restored)."""
+    c, tr = metrics["config"], metrics["train"]
+    return {
+        "time": tr.get("finished") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": tr.get("git_sha") or git_sha(),
+        "dataset": c["dataset"], "backbone": c["backbone"], "method": c["method"], "variant": c["variant"],
+        "split_seed": c["protocol"]["split_seed"], "seed": c["seed"], "run_key": c["run_key"], "output": output,
+        "config": c, "metrics": {k: metrics.get(k) for k in ("val", "test", "test_no_knowledge",
+                                                              "test_knowledge_permuted")},
+        "groups": metrics["groups"], "diagnostics": metrics["diagnostics"], "machine": tr["machine"],
+        "cost": {k: tr.get(k) for k in ("wall_seconds", "train_seconds", "samples_per_s", "peak_memory_mb")}}
+
+
+def has_result_line(results: str | os.PathLike, run_key: str, output: str | None) -> bool:
+    """Whether ``results`` holds a line of the run ``run_key`` written to ``output``."""
+    p = Path(results)
+    if not p.is_file():
+        return False
+    want = os.path.abspath(output) if output else None
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if run_key not in line:
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(rec, dict) or rec.get("run_key") != run_key:
+                continue
+            o = rec.get("output")
+            if o == output or (o and want and os.path.abspath(o) == want):
+                return True
+    return False
+
+
+@dataclass
+class RunResult:
+    """What :func:`execute` did: ``trained`` (and wrote), or ``done`` (the output held this finished run)."""
+
+    metrics: dict[str, Any]
+    status: str
+    appended: bool      # a line was appended to the results file (for ``done``: a missing line restored)
+
+
 def run(cfg: RunConfig, data: CTRData | None = None) -> dict[str, Any]:
-    """Train and evaluate one (dataset, backbone, method, seed); write metrics.json; append a results line."""
+    """Train and evaluate one (dataset, backbone, method, seed); write metrics.json; append a results line.
+
+    A finished identical run in ``cfg.output`` is not run again: its metrics are returned (see :func:`execute`).
+    """
+    res = execute(cfg, data)
+    if res.status == "done" and not cfg.quiet:
+        print(f"note: {cfg.output} already holds this finished run (run key {cfg.key()}); nothing rerun")
+    return res.metrics
+
+
+def execute(cfg: RunConfig, data: CTRData | None = None) -> RunResult:
+    """:func:`run`, telling what it did. In order, before any data is loaded: the configuration is checked,
+    the output directory and results file must be writable, and the output directory must hold nothing, this
+    run interrupted (it resumes from ``last/``), this run finished (nothing is rerun or rewritten; a results
+    line it lacks is restored) or - only with ``cfg.overwrite`` - a run to replace."""
     t_start = time.perf_counter()
-    check_method_args(cfg.method, cfg.method_args)
+    validate(cfg)
+    check_writable(cfg.output, cfg.results)
+    state = inspect_output(cfg)
+    out = Path(cfg.output) if cfg.output else None
+    if state.kind == "finished":
+        assert out is not None and state.metrics is not None
+        if data is None:
+            data = prepare(cfg.dataset, cfg.protocol, data_dir=cfg.data_dir, download=cfg.download)
+        old_key = state.metrics["config"].get("data_key")
+        if old_key != data.key:
+            raise RunError(f"output directory {out} holds a finished run of this configuration on other data (data "
+                           f"key {old_key}, now {data.key}: the dataset's files changed); use another --output, or "
+                           f"pass --overwrite to replace it")
+        appended = False
+        if cfg.results and not has_result_line(cfg.results, cfg.key(), cfg.output):
+            append_result(cfg.results, results_record(state.metrics, cfg.output))
+            appended = True
+        return RunResult(state.metrics, "done", appended)
     method = build_method(cfg.method, seed=cfg.seed, **cfg.method_args)   # bad settings fail before the data
     if data is None:
         data = prepare(cfg.dataset, cfg.protocol, data_dir=cfg.data_dir, download=cfg.download)
+    check_splits(data)
     seed_everything(cfg.seed)
     train_cfg = cfg.train
     method.bind(data.spec)
     # Methods with knowledge know their field sizes only after they are built (and bound to the data).
     model = build_model(cfg.backbone, data.spec, knowledge_dims=method.knowledge_dims, **cfg.model)
-    out = Path(cfg.output) if cfg.output else None
+    if out is not None and state.kind == "replace":
+        _clear_run(out)
     trainer = Trainer(model, method, data, train_cfg, output_dir=out, quiet=cfg.quiet, run_key=cfg.key(),
                       seed=cfg.seed)
     val = trainer.fit()
+    check_finite_metrics(val, "val", split_labels=data.split("val").label)
     test_pred = trainer.predict("test", keep_knowledge=True)
     test = evaluate_predictions(test_pred["label"], test_pred["prob"], test_pred["user"])
+    check_finite_metrics(test, "test", split_labels=test_pred["label"])
     metrics: dict[str, Any] = {"val": val, "test": test}
     metrics["groups"] = {"test": group_metrics(test_pred["label"], test_pred["prob"], test_pred["user"],
                                                {**data.user_groups, **method.user_groups()})}
@@ -163,45 +418,60 @@ def run(cfg: RunConfig, data: CTRData | None = None) -> dict[str, Any]:
         # test user's knowledge: what the knowledge contributes, and what of it is about the user.
         p0 = trainer.predict("test", use_knowledge=False)
         metrics["test_no_knowledge"] = evaluate_predictions(p0["label"], p0["prob"], p0["user"])
+        check_finite_metrics(metrics["test_no_knowledge"], "test_no_knowledge")
         if method.user_groups():   # e.g. corrupted vs clean users: the knowledge's effect inside each
             metrics["groups"]["test_no_knowledge"] = group_metrics(p0["label"], p0["prob"], p0["user"],
                                                                    method.user_groups())
         perm = user_derangement(data.n_users, data.split_users("test"), cfg.seed)
         metrics["test_knowledge_permuted"] = trainer.evaluate("test", user_perm=perm)
+        check_finite_metrics(metrics["test_knowledge_permuted"], "test_knowledge_permuted")
         diagnostics["knowledge"] = _knowledge_diagnostics(model, method, test_pred)
-    metrics["diagnostics"] = diagnostics
+    # A group's AUC with one class in it, a variance share of a constant: undefined, written as null.
+    metrics["groups"] = nonfinite_to_none(metrics["groups"])
+    metrics["diagnostics"] = nonfinite_to_none(diagnostics)
     summary = trainer.summary()
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     summary["peak_memory_mb"] = round(peak_memory_mb(), 1)
     summary["machine"] = machine_info(trainer.device)
+    summary["git_sha"] = git_sha()
+    summary["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     metrics["train"] = summary
     metrics["config"] = {"dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method,
                          "variant": cfg.method_label(), "seed": cfg.seed,
                          "run_key": cfg.key(), "data_key": data.key, "protocol": asdict(cfg.protocol),
                          "train": asdict(train_cfg), "model": cfg.model, "method_args": cfg.method_args,
                          "method_config": method.config_dict()}
+    record = results_record(metrics, str(out) if out else None)
+    try:   # a NaN anywhere: an error naming it, before anything is written
+        strict_json_dumps(record, "the run's results")
+    except ValueError as e:
+        raise RunError(str(e)) from None
     if out:
+        # checkpoint config, then metrics.json (the mark of a finished run), then the results line: a run
+        # killed in between is resumed (no metrics.json) or has its missing line restored (see execute)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "metrics.json", metrics)
         atomic_write_json(out / "checkpoint" / "config.json", {
             "format": "cocorec-checkpoint-v1", "backbone": cfg.backbone, "method": cfg.method,
             "spec": asdict(data.spec), "model": cfg.model, "method_args": cfg.method_args,
             "method_config": method.config_dict(), "dataset": cfg.dataset, "data_key": data.key,
-            "protocol": asdict(cfg.protocol), "knowledge_dims": method.knowledge_dims, "git_sha": git_sha(),
+            "dataset_path": _dataset_path(cfg.dataset),
+            "data_dir": os.path.abspath(cfg.data_dir) if cfg.data_dir else None,
+            "protocol": asdict(cfg.protocol), "knowledge_dims": method.knowledge_dims, "git_sha": summary["git_sha"],
             "val": val, "test": test})
+        atomic_write_json(out / "metrics.json", metrics)
     if cfg.results:
-        append_result(cfg.results, {
-            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "git_sha": git_sha(),
-            "dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method, "variant": cfg.method_label(),
-            "split_seed": cfg.protocol.split_seed, "seed": cfg.seed, "run_key": cfg.key(),
-            "output": str(out) if out else None,
-            "config": metrics["config"], "metrics": {"val": val, "test": test,
-                                                    "test_no_knowledge": metrics.get("test_no_knowledge"),
-                                                    "test_knowledge_permuted": metrics.get("test_knowledge_permuted")},
-            "groups": metrics["groups"], "diagnostics": metrics["diagnostics"],
-            "machine": summary["machine"],
-            "cost": {k: summary[k] for k in ("wall_seconds", "train_seconds", "samples_per_s", "peak_memory_mb")}})
-    return metrics
+        append_result(cfg.results, record)
+    return RunResult(metrics, "trained", bool(cfg.results))
+
+
+def _dataset_path(dataset: str) -> str | None:
+    """The absolute path of a generic-format dataset directory (None for a built-in dataset name): a run
+    trained with a relative path is found again from any working directory."""
+    from cocorec.data.raw import BUILTIN
+
+    if dataset in BUILTIN or not Path(dataset).is_dir():
+        return None
+    return os.path.abspath(dataset)
 
 
 @torch.no_grad()
