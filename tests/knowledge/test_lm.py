@@ -12,6 +12,7 @@ from cocorec.knowledge.lm import (
     LM,
     LMConfig,
     LMError,
+    native_bf16,
     cache_from_kv,
     cache_kwarg_name,
     kv_from_cache,
@@ -233,7 +234,7 @@ def test_resolve_device_and_dtype() -> None:
     cpu = torch.device("cpu")
     assert resolve_device("cpu") == cpu
     assert resolve_device("auto").type in ("cpu", "cuda")
-    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if native_bf16(cpu) else torch.float32)
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype("bf16", cpu) == torch.bfloat16
     with pytest.raises(LMError, match="unknown dtype"):
@@ -307,3 +308,20 @@ def test_real_smollm2_generates(monkeypatch: pytest.MonkeyPatch) -> None:
     out = real.generate(["What is the capital of France?", "Name one colour."])
     assert len(out) == 2 and all(isinstance(t, str) and t for t in out)
     assert "Paris" in out[0]
+
+
+def test_one_lm_policy_for_every_method(monkeypatch) -> None:
+    """CoCo and KAR load their LM through load_lm (``tiny`` included) and resolve ``auto`` the same way."""
+    import cocorec.knowledge.lm as lm_mod
+    from cocorec.knowledge.base import build_method
+    from cocorec.knowledge.kar import make_lm
+
+    seen = []
+    real = lm_mod.load_lm
+    monkeypatch.setattr(lm_mod, "load_lm", lambda cfg: seen.append(cfg) or real(cfg))
+    assert make_lm("tiny").identity == lm_mod.tiny_lm(seed=0).identity
+    coco = build_method("coco", lm="tiny")
+    coco._load_lm(torch.device("cpu"))
+    assert [c.name_or_path for c in seen] == ["tiny", "tiny"] and seen[1].dtype == "auto"
+    monkeypatch.setattr(lm_mod, "native_bf16", lambda device: False)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32

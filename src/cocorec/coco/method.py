@@ -85,20 +85,6 @@ __all__ = ["CoCo", "CoCoConfig", "NO_USER_TEXT"]
 NO_USER_TEXT = "A user."
 
 
-def resolve_lm_dtype(dtype: str, device: torch.device) -> str:
-    """``auto``: bf16 on CUDA, and on a CPU with native bf16 (AVX512-BF16/AMX, where bf16 matmuls are
-    faster than fp32), else float32. Anything else is passed through."""
-    if dtype != "auto":
-        return dtype
-    if device.type == "cuda":
-        return "bf16"
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        native = False
-    return "bf16" if native and device.type == "cpu" else "float32"
-
-
 BLOCKS: dict[str, type] = {"codebook": CodebookConfig, "readout": ReadoutConfig, "judge": JudgeConfig,
                            "lora": LoRAConfig, "kv": KVConfig, "guard": GuardConfig}
 
@@ -267,15 +253,9 @@ class CoCo(KnowledgeMethod):
         self._built = True
 
     def _load_lm(self, device: torch.device) -> Any:
-        from cocorec.knowledge.lm import LMConfig, load_lm, tiny_lm
+        from cocorec.knowledge.lm import LMConfig, load_lm
 
-        if self.cfg.lm == "tiny":
-            lm = tiny_lm(seed=0)   # the stand-in for a pretrained LM: the same weights in every run
-            lm.model.to(device)
-            lm.device = device
-            return lm
-        return load_lm(LMConfig(name_or_path=self.cfg.lm, device=str(device),
-                                dtype=resolve_lm_dtype(self.cfg.lm_dtype, device)))
+        return load_lm(LMConfig(name_or_path=self.cfg.lm, device=str(device), dtype=self.cfg.lm_dtype))
 
     @property
     def lm(self) -> Any:

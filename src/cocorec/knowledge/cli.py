@@ -20,7 +20,7 @@ from typing import Any
 from cocorec.cli import EXTRA_COMMANDS
 
 _DEFAULTS = {"lm": "smollm2", "encoder": "minilm", "max_new_tokens": 64, "batch_size": 32, "item_batch_size": 64,
-             "lm_device": "auto", "lm_dtype": "auto", "rounds": 1}
+             "lm_device": "auto", "lm_dtype": "float32", "rounds": 1}
 
 
 def _method_defaults() -> dict[str, Any]:

@@ -63,11 +63,9 @@ TINY_ENCODER_DIM = 32
 # ------------------------------------------------------------------------------------------ models
 def make_lm(name: str = "smollm2", *, device: str = "auto", dtype: str = "auto", max_new_tokens: int = 64,
             batch_size: int = 16) -> Any:
-    """``"tiny"`` -> the tiny random test LM; anything else goes to :func:`cocorec.knowledge.lm.load_lm`."""
-    from cocorec.knowledge.lm import LMConfig, load_lm, tiny_lm
+    """The LM ``name`` (``"tiny"``: the random test LM) by :func:`cocorec.knowledge.lm.load_lm`."""
+    from cocorec.knowledge.lm import LMConfig, load_lm
 
-    if name == "tiny":
-        return tiny_lm(seed=0)
     return load_lm(LMConfig(name_or_path=name, device=device, dtype=dtype, max_new_tokens=max_new_tokens,
                             batch_size=batch_size))
 
@@ -128,7 +126,7 @@ class KnowledgeStore:
 
     def __init__(self, lm: Any = "smollm2", encoder: Any = "minilm", *, max_new_tokens: int = 64,
                  batch_size: int = 32, item_batch_size: int = 64, root: str | Path | None = None,
-                 lm_device: str = "auto", lm_dtype: str = "auto", progress: bool = False,
+                 lm_device: str = "auto", lm_dtype: str = "float32", progress: bool = False,
                  log: Callable[[str], None] | None = None) -> None:
         self._lm = lm
         self._encoder = encoder
@@ -322,7 +320,10 @@ class KarMethod(KnowledgeMethod):
     key), ``batch_size`` / ``item_batch_size`` (generation batches), ``hidden`` (expert MLP),
     ``n_shared`` / ``n_specific`` (experts), ``dropout``, ``standardize`` (z-score the vectors with
     the statistics of the training users and all items; off by default, like KAR: on ml-100k / DIN /
-    seed 0 it lowered validation AUC from 0.7831 to 0.7653), ``lm_device`` / ``lm_dtype``, ``fields``
+    seed 0 it lowered validation AUC from 0.7831 to 0.7653), ``lm_device`` / ``lm_dtype`` (default
+    ``float32``: the texts are generated once and cached under the dtype, and the cached texts stay
+    the ones every KAR result so far used; ``auto`` follows the one LM policy,
+    :func:`cocorec.knowledge.lm.resolve_dtype`, with a cache of its own), ``fields``
     (``user,item``, the default and KAR's; ``item`` or ``user`` keeps one knowledge field; ``item``
     never generates the user reasoning). The user field is one vector per user: on ml-100k, whose test
     users are unseen in training, zeroing it in trained runs raised test AUC on DeepFM, AutoInt and
@@ -341,7 +342,7 @@ class KarMethod(KnowledgeMethod):
     def __init__(self, lm: str = "smollm2", encoder: str = "minilm", max_new_tokens: int = 64,
                  batch_size: int = 32, item_batch_size: int = 64, hidden: tuple[int, ...] = (128, 32),
                  n_shared: int = 2, n_specific: int = 2, dropout: float = 0.0, standardize: bool = False,
-                 lm_device: str = "auto", lm_dtype: str = "auto", fields: str = "user,item", source: str = "lm",
+                 lm_device: str = "auto", lm_dtype: str = "float32", fields: str = "user,item", source: str = "lm",
                  corrupt: float = 0.0) -> None:
         super().__init__()
         check_source(self.name, source, corrupt)
@@ -464,7 +465,7 @@ class R4ecMethod(KarMethod):
     def __init__(self, lm: str = "smollm2", encoder: str = "minilm", max_new_tokens: int = 64,
                  batch_size: int = 32, item_batch_size: int = 64, hidden: tuple[int, ...] = (128, 32),
                  n_shared: int = 2, n_specific: int = 2, dropout: float = 0.0, standardize: bool = False,
-                 lm_device: str = "auto", lm_dtype: str = "auto", rounds: int = 1, fields: str = "user,item",
+                 lm_device: str = "auto", lm_dtype: str = "float32", rounds: int = 1, fields: str = "user,item",
                  source: str = "lm", corrupt: float = 0.0) -> None:
         super().__init__(lm=lm, encoder=encoder, max_new_tokens=max_new_tokens, batch_size=batch_size,
                          item_batch_size=item_batch_size, hidden=hidden, n_shared=n_shared, n_specific=n_specific,

@@ -53,6 +53,7 @@ __all__ = [
     "load_lm",
     "locate_package_dir",
     "positions_from_mask",
+    "native_bf16",
     "resolve_device",
     "resolve_dtype",
     "smollm2_gguf_path",
@@ -146,12 +147,25 @@ _DTYPES = {
 }
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively: CUDA, or a CPU with AVX512-BF16/AMX (oneDNN)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``"auto"`` -> bf16 on cuda, float32 elsewhere; or a name such as ``"bf16"``/``"float32"``."""
+    """The one dtype policy of every LM in cocorec: ``"auto"`` -> bf16 where the device computes it
+    natively (:func:`native_bf16`), else float32; or a name such as ``"bf16"``/``"float32"``."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     try:
         return _DTYPES[dtype.lower().removeprefix("torch.")]
     except KeyError:
@@ -640,6 +654,8 @@ def load_lm(cfg: LMConfig | str | None = None) -> LM:
     elif isinstance(cfg, str):
         cfg = LMConfig(name_or_path=cfg)
     src = str(cfg.name_or_path)
+    if src == "tiny":   # the stand-in for a pretrained LM in tests: the same weights in every run
+        return tiny_lm(seed=0, device=str(resolve_device(cfg.device)))
     if src == "smollm2":
         model_dir, identity = convert_gguf(smollm2_gguf_path())
         return _load_dir(model_dir, identity, cfg)
@@ -701,7 +717,7 @@ def tiny_tokenizer() -> Any:
     return tok
 
 
-def tiny_lm(seed: int = 0, **config_overrides: Any) -> LM:
+def tiny_lm(seed: int = 0, device: str = "cpu", **config_overrides: Any) -> LM:
     """A 2-layer random Llama (hidden 64, GQA 4/2 heads, context 256) with :func:`tiny_tokenizer`.
 
     Example:
@@ -719,4 +735,4 @@ def tiny_lm(seed: int = 0, **config_overrides: Any) -> LM:
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None,
     )
     kw.update(config_overrides)
-    return LM.from_config(LlamaConfig(**kw), tokenizer=tok, seed=seed)
+    return LM.from_config(LlamaConfig(**kw), tokenizer=tok, seed=seed, device=device)
