@@ -7,7 +7,8 @@ knowledge generation), so "cold" means cold knowledge, not a cold model conversi
 
     .venv/bin/python benchmarks/bench_kar_generation.py                      # all of ml-100k (long on CPU)
     .venv/bin/python benchmarks/bench_kar_generation.py --limit-users 32 --limit-items 64 --threads 2
-    .venv/bin/python benchmarks/bench_kar_generation.py --device cuda --dtype float32 --batch-size 128 --item-batch-size 256
+    .venv/bin/python benchmarks/bench_kar_generation.py --device cuda --dtype float32 \
+        --batch-size 128 --item-batch-size 256
 
 Prints one JSON line per phase and a summary with texts/s and the projection to all users and items.
 """
@@ -81,7 +82,8 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     s = cold["seconds"]
     gen_u, gen_i = s.get("user", 0.0), s.get("item", 0.0)
-    print(f"cold: {cold['wall_s']:.0f} s (users {gen_u:.0f} s, items {gen_i:.0f} s, encoding {s.get('encode', 0):.0f} s,"
+    print(f"cold: {cold['wall_s']:.0f} s (users {gen_u:.0f} s, items {gen_i:.0f} s, "
+          f"encoding {s.get('encode', 0):.0f} s,"
           f" loading {cold['load_s']:.0f} s); warm: {warm['wall_s']:.0f} s")
     if n_u and n_i and gen_u and gen_i:
         per_u, per_i = gen_u / n_u, gen_i / n_i

@@ -163,7 +163,7 @@ def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, dtyp
             o = dec(input_ids=ids, attention_mask=mask_text, use_cache=True)
         c = getattr(o, "cache", None)
         c = c if c is not None else o.past_key_values
-        saved[:] = ([(l.keys, l.values) for l in c.layers] if hasattr(c, "layers")
+        saved[:] = ([(layer.keys, layer.values) for layer in c.layers] if hasattr(c, "layers")
                     else list(zip(c.key_cache, c.value_cache)))
 
     def _raw_suffix(p: torch.Tensor) -> torch.Tensor:
@@ -262,7 +262,7 @@ def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, dtyp
     out["gen_flops"] = (2.0 * n_lin * args.gen_batch * (P + N) + 2.0 * n_head * args.gen_batch * (N + 1)
                         + args.gen_batch * (attn_flops(cfg, P, 0)
                                             + sum(attn_flops(cfg, 1, P + i) for i in range(N))))
-    del model, dec
+    model = dec = None   # frees the weights before the next shape (the closures above read these names)
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         torch.cuda.empty_cache()

@@ -139,7 +139,8 @@ def _scramble_padding(b: dict[str, torch.Tensor], seed: int) -> dict[str, torch.
     assert n > 0
     out["hist_items"][pad] = torch.randint(1, SPEC.n_items, (n,), generator=g)
     out["hist_ratings"][pad] = torch.randint(1, SPEC.n_ratings, (n,), generator=g)
-    out["hist_feats"][pad] = torch.stack([torch.randint(1, k, (n,), generator=g) for k in SPEC.item_fields.values()], -1)
+    out["hist_feats"][pad] = torch.stack([torch.randint(1, k, (n,), generator=g)
+                                          for k in SPEC.item_fields.values()], -1)
     out["hist_tags"][pad] = torch.randint(1, SPEC.n_tags, (n, SPEC.max_tags), generator=g)
     return out
 

@@ -303,7 +303,8 @@ class LM:
         self.max_input_tokens = max_input_tokens
 
     def __repr__(self) -> str:
-        return f"LM({self.identity!r}, device={self.device}, hidden_size={self.hidden_size}, max_context={self.max_context})"
+        return (f"LM({self.identity!r}, device={self.device}, hidden_size={self.hidden_size}, "
+                f"max_context={self.max_context})")
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -539,7 +540,8 @@ class LM:
             attention_mask = torch.ones((bsz, past_len + seq), dtype=torch.long, device=self.device)
         attention_mask = attention_mask.to(self.device)
         if attention_mask.shape[-1] != past_len + seq:
-            raise ValueError(f"attention_mask has {attention_mask.shape[-1]} columns; expected past {past_len} + new {seq}")
+            raise ValueError(f"attention_mask has {attention_mask.shape[-1]} columns; "
+                             f"expected past {past_len} + new {seq}")
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, past_len:]
         decoder = self.decoder
