@@ -61,7 +61,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ from cocorec.coco.judge import COLLABORATION, CONTRADICTION, JudgeConfig, UserJu
 from cocorec.coco.kvcache import BASE, KVConfig, UserTextKVCache
 from cocorec.coco.lora import LoRAConfig, add_lora, fingerprint
 from cocorec.coco.readout import ReadoutConfig
-from cocorec.knowledge.base import KnowledgeMethod, add_backbone_aux_loss, register_method, register_variant
+from cocorec.knowledge.base import KnowledgeMethod, register_method, register_variant
 from cocorec.knowledge.sources import LEAK, check_source
 from cocorec.utils.io import cache_root
 
@@ -193,6 +193,7 @@ class CoCo(KnowledgeMethod):
     """
 
     name = "coco"
+    serves_from_checkpoint = False   # the user-text caches and the guard's groups come from the data
 
     @_keyword_signature
     def __init__(self, **keys: Any) -> None:
@@ -525,7 +526,6 @@ class CoCo(KnowledgeMethod):
         loss = bce + cfg.codebook.vq_weight * vq_loss + cfg.align_weight * align
         logs = {"bce": float(bce.detach()), "vq": float(vq_loss.detach()), "align": float(align.detach()),
                 "contradiction_rate": rate, "live_users": float(len(live_users))}
-        loss = add_backbone_aux_loss(model, loss, logs)   # e.g. DIEN's, set by the forward just above
 
         if contradiction_step:
             live_row = torch.zeros(len(self.bank), dtype=torch.bool, device=dev)
@@ -557,13 +557,13 @@ class CoCo(KnowledgeMethod):
             self.rate_by_epoch.append(float(np.mean(self._epoch_rates)))
         self._epoch_rates = []
 
-    def on_fit_end(self, trainer: Any) -> None:
+    def on_fit_end(self, predict: Callable[..., dict[str, Any]]) -> None:
         """Group guard (:class:`~cocorec.coco.guard.GroupGuard`) on the validation split."""
         if not self.cfg.guard.guard or self.guard is None:
             return
         self.guard.enabled.fill_(True)
-        with_k = trainer.predict("val", use_knowledge=True)
-        without = trainer.predict("val", use_knowledge=False)
+        with_k = predict("val", use_knowledge=True)
+        without = predict("val", use_knowledge=False)
         self.guard.decide(with_k["label"], with_k["user"], with_k["prob"], without["prob"])
 
     # ------------------------------------------------------------------ checkpoints

@@ -2,11 +2,17 @@
 
 A method turns a batch into zero or more dense knowledge fields (``knowledge_dims``), may add
 auxiliary losses, and may take over the training step (CoCo's judge does). ``build_method`` gives
-it the run's seed (``method.seed``: every draw of the method follows it). The run calls:
+it the run's seed (``method.seed``: every draw of the method follows it). The contract, in order:
 
 * ``bind(spec)`` before the backbone is built (a field width that depends on the data);
-* ``prepare(data, output_dir)`` once before training (generate/encode/cache what it needs);
-* ``training_loss(model, batch, step)`` per step -> (loss, logs);
+* ``build(backbone, data, output_dir, state)``: the one step that makes it ready - it attaches to
+  the backbone (``attach``: e.g. CoCo loads its LM and builds its modules), restores a checkpoint's
+  ``state`` when serving, then prepares for the data (``prepare``: generate/encode/cache what it
+  needs; what the checkpoint restored is not recomputed). The trainer and the scorer call it;
+* ``training_loss(model, batch, step)`` per step -> (the method's loss, logs); the trainer adds the
+  backbone's own auxiliary loss (``model.add_loss()``) and the regularisers;
+* ``on_epoch_end(epoch)``; ``on_fit_end(predict)`` once the best weights are back, with
+  ``predict(split, use_knowledge)`` -> ``{"prob", "label", "user"}`` (CoCo's group guard);
 * ``forward(batch)`` for evaluation -> list of knowledge tensors (or None for no knowledge);
 * ``diagnostics()`` after training -> JSON-able dict written with the metrics.
 
@@ -31,6 +37,8 @@ class KnowledgeMethod(nn.Module):
     """Base class: no knowledge (``base``). Subclasses override what they need."""
 
     name = "base"
+    #: Whether a checkpoint holds all the method computes from the data (then serving skips prepare).
+    serves_from_checkpoint = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -55,8 +63,20 @@ class KnowledgeMethod(nn.Module):
         """Groupings of users the method defines (``corrupt`` with ``corrupt > 0``), per user index."""
         return self._source.groups() if self._source is not None else {}
 
+    def build(self, backbone: nn.Module, data: Any, output_dir: Path | None = None,
+              state: dict[str, torch.Tensor] | None = None) -> None:
+        """Attach to ``backbone``, restore ``state`` (a checkpoint's ``method/`` tensors) if given, then
+        prepare for ``data``; a restored method that keeps everything it computes from the data in its
+        checkpoint (:attr:`serves_from_checkpoint`: KAR's vectors) is not prepared again. The one step
+        the trainer and the scorer call."""
+        self.attach(backbone)
+        if state is not None:
+            self.load_checkpoint_state(state)
+        if data is not None and (state is None or not self.serves_from_checkpoint):
+            self.prepare(data, output_dir)
+
     def attach(self, model: nn.Module) -> None:
-        """Called by the trainer with the backbone (CoCo builds its query from the backbone's embeddings).
+        """Part of :meth:`build`: the backbone (CoCo builds its query from the backbone's embeddings).
 
         Stored outside the module tree so the backbone's weights are not saved twice.
         """
@@ -73,11 +93,12 @@ class KnowledgeMethod(nn.Module):
         """
         return None
 
-    def on_fit_end(self, trainer: Any) -> None:
-        """Called once after the best checkpoint is restored (e.g. CoCo's group guard uses validation)."""
+    def on_fit_end(self, predict: Callable[..., dict[str, Any]]) -> None:
+        """Called once after the best weights are restored, with ``predict(split, use_knowledge=True)``
+        (e.g. CoCo's group guard compares validation predictions with and without knowledge)."""
 
     def prepare(self, data: Any, output_dir: Path | None = None) -> None:
-        """Precompute what the method needs (texts, vectors, caches). Called before training."""
+        """Part of :meth:`build`: precompute what the method needs (texts, vectors, caches)."""
 
     def forward(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
         return None
@@ -95,7 +116,7 @@ class KnowledgeMethod(nn.Module):
         if aux is not None:
             loss = loss + aux
             logs["aux"] = float(aux.detach())
-        return add_backbone_aux_loss(model, loss, logs), logs
+        return loss, logs
 
     def on_epoch_end(self, epoch: int) -> None:
         """Hook for schedules (e.g. CoCo contradiction phases, cache rebuilds)."""
@@ -113,15 +134,6 @@ class KnowledgeMethod(nn.Module):
     def config_dict(self) -> dict[str, Any]:
         """The method's settings (JSON), stored in the checkpoint and the results line."""
         return {}
-
-
-def add_backbone_aux_loss(model: nn.Module, loss: torch.Tensor, logs: dict[str, float]) -> torch.Tensor:
-    """Add a backbone's own auxiliary loss (DIEN's interest-extractor loss), set during its forward."""
-    aux = getattr(model, "aux_loss", None)
-    if torch.is_tensor(aux) and aux.requires_grad:
-        logs["backbone_aux"] = float(aux.detach())
-        return loss + aux
-    return loss
 
 
 METHODS: dict[str, Callable[..., KnowledgeMethod]] = {"base": KnowledgeMethod}

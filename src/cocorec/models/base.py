@@ -144,6 +144,11 @@ class BaseModel(nn.Module):
     def score(self, x: Inputs) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def add_loss(self) -> torch.Tensor | None:
+        """The backbone's own auxiliary loss from its last training forward (FuxiCTR's ``add_loss``), or
+        None; the trainer adds it to the method's loss (e.g. DIEN's interest-extractor loss)."""
+        return None
+
     def embedding_parameters(self) -> list[nn.Parameter]:
         """Parameters of embedding tables (excluded from weight decay)."""
         return [p for m in self.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)]

@@ -110,6 +110,9 @@ class DIEN(BaseModel):
             else states.new_zeros(())
         return h
 
+    def add_loss(self) -> torch.Tensor | None:
+        return self.aux_loss if self.aux_net is not None and self.training and self.aux_loss.requires_grad else None
+
     def _aux_loss(self, states: torch.Tensor, seq: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         assert self.aux_net is not None
         b = seq.shape[0]

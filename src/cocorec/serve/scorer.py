@@ -29,12 +29,11 @@ from cocorec.utils.io import read_json
 
 
 class Scorer:
-    """A trained backbone + knowledge method, in eval mode."""
+    """A trained backbone + a knowledge method built on it (:meth:`KnowledgeMethod.build`), in eval mode."""
 
     def __init__(self, model: BaseModel, method: KnowledgeMethod, config: dict[str, Any],
                  data: CTRData | None = None) -> None:
         self.model, self.method, self.config, self.data = model.eval(), method.eval(), config, data
-        method.attach(model)
 
     @torch.no_grad()
     def score_batch(self, batch: dict[str, torch.Tensor], use_knowledge: bool = True) -> np.ndarray:
@@ -244,7 +243,6 @@ def load_scorer(run_dir: str | Path, data: CTRData | None = None, data_dir: str 
     tensors = load_safetensors(ck / "model.safetensors", hint=_DAMAGED)
     try:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
-        method.load_checkpoint_state({k[7:]: v for k, v in tensors.items() if k.startswith("method/")})
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise DataError(f"{where} does not match {ck / 'model.safetensors'} ({_one_line(e)}); was config.json "
                         f"edited? restore it or retrain the run") from None
@@ -263,4 +261,10 @@ def load_scorer(run_dir: str | Path, data: CTRData | None = None, data_dir: str 
         if cfg.get("data_key") and data.key != cfg["data_key"]:
             raise DataError(f"the data found for {cfg['dataset']!r} ({name}) differs from the data the model was "
                             f"trained on (key {data.key} != {cfg['data_key']})")
+    state = {k[7:]: v for k, v in tensors.items() if k.startswith("method/")}
+    try:   # attach (CoCo loads its LM and builds its modules), restore, prepare for the data
+        method.build(model, data, state=state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{where} does not match {ck / 'model.safetensors'} ({_one_line(e)}); was config.json "
+                        f"edited? restore it or retrain the run") from None
     return Scorer(model, method, cfg, data)

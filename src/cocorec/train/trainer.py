@@ -161,7 +161,7 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self.model.to(self.device)
         self.method.to(self.device)
-        self.method.attach(self.model)
+        self.method.build(self.model, data, self.output_dir)
         self.history: list[dict[str, Any]] = []
         self.step = 0
         self.epoch = 0
@@ -202,7 +202,6 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train with early stopping on validation AUC; restore and return the best model's val metrics."""
         seed_everything(self.seed)
-        self.method.prepare(self.data, self.output_dir)
         self._maybe_resume()
         n_train = self.data.split("train").n
         steps = math.ceil(n_train / self.cfg.batch_size)
@@ -224,6 +223,10 @@ class Trainer:
                 batch = to_device(batch, self.device)
                 with self._autocast():
                     loss, logs = self.method.training_loss(self.model, batch, self.step)
+                    extra = self.model.add_loss()    # the backbone's own (DIEN's), from the forward just run
+                    if extra is not None:
+                        loss = loss + extra
+                        logs["backbone_aux"] = float(extra.detach())
                 if self.cfg.embedding_l2:   # FuxiCTR's embedding regulariser: L2 on the embedding tables
                     reg = self.cfg.embedding_l2 * sum(p.float().pow(2).sum() for p in self.model.embedding_parameters())
                     loss = loss + reg
@@ -275,7 +278,7 @@ class Trainer:
         elif self.output_dir and (self.output_dir / "checkpoint" / "model.safetensors").is_file():
             self.load_checkpoint(self.output_dir / "checkpoint")  # resumed after the last improvement
         self._best_tensors = None
-        self.method.on_fit_end(self)
+        self.method.on_fit_end(self.predict)
         if self.output_dir and self.best_epoch > 0:
             self.save_checkpoint(self.output_dir / "checkpoint")  # keeps what on_fit_end decided (e.g. group guard)
         return self.evaluate("val")
