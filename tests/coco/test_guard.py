@@ -47,3 +47,25 @@ def test_guard_refuses_a_switch_off_that_lowers_the_overall_auc():
     rep = guard_decisions(y, p_with, p_without, groups, ["a", "b"], 0.005, 1)
     assert rep["groups"]["b"]["harmed"] and rep["disabled"] == []
     assert rep["groups"]["b"]["overall_auc_if_off"] < rep["val_auc_all_on"]
+
+
+def test_bootstrap_guard_catches_a_small_consistent_harm_the_margin_lets_through():
+    # 200 users per group; knowledge lowers group 1's AUC by ~0.003 on every user, a hair under
+    # the 0.005 margin; group 0 is untouched apart from noise
+    rng = np.random.default_rng(3)
+    users = np.repeat(np.arange(400), 20)
+    groups = (users >= 200).astype(int)
+    y, p_without = _scores(rng, len(users), 0.5)
+    p_with = p_without + rng.normal(scale=1e-3, size=len(users))
+    bad = groups == 1
+    p_with[bad] = p_without[bad] - 0.0015 * (2 * y[bad] - 1) + rng.normal(scale=1e-3, size=int(bad.sum()))
+    names = ["clean", "corrupted"]
+    margin = guard_decisions(y, p_with, p_without, groups, names, 0.005, 200)
+    assert margin["disabled"] == []
+    drop = margin["groups"]["corrupted"]["auc_without"] - margin["groups"]["corrupted"]["auc_with"]
+    assert 0 < drop < 0.005
+    boot = guard_decisions(y, p_with, p_without, groups, names, 0.005, 200, test="bootstrap", users=users)
+    assert boot["disabled"] == ["corrupted"] and boot["groups"]["corrupted"]["harm_share"] >= 0.95
+    assert boot["groups"]["clean"]["harm_share"] < 0.95 and not boot["groups"]["clean"]["harmed"]
+    again = guard_decisions(y, p_with, p_without, groups, names, 0.005, 200, test="bootstrap", users=users)
+    assert again["groups"]["corrupted"]["harm_share"] == boot["groups"]["corrupted"]["harm_share"]   # seeded

@@ -1,10 +1,14 @@
 """The group guard: switch knowledge off for user groups where it lowers validation AUC.
 
 A group is a candidate when it has ``min_samples`` validation samples and its AUC with knowledge is
-more than ``margin`` below its AUC without. Candidates are taken greedily, most harmed first, and a
-switch-off is kept only if the *overall* validation AUC does not drop: the scores of groups with and
-without knowledge must still rank against each other (switching off every harmed group by the
-per-group rule alone cost 0.13 overall AUC in a short ml-100k run).
+below its AUC without: by more than ``margin`` (``test="margin"``), or (``test="bootstrap"``) with
+a paired bootstrap over the group's users - resample users, recompute both AUCs on the same
+resample - that puts the harm above zero in at least ``confidence`` of ``resamples`` draws (a small
+but consistent harm on a large group is caught; a large one on a few noisy users is not).
+Candidates are taken greedily, most harmed first, and a switch-off is kept only if the *overall*
+validation AUC does not drop: the scores of groups with and without knowledge must still rank
+against each other (switching off every harmed group by the per-group rule alone cost 0.13 overall
+AUC in a short ml-100k run).
 
 Example:
     >>> import numpy as np
@@ -28,7 +32,9 @@ import torch
 
 from cocorec.eval.metrics import auc as auc_score
 
-__all__ = ["GroupGuard", "GuardConfig", "guard_decisions"]
+__all__ = ["GUARD_TESTS", "GroupGuard", "GuardConfig", "guard_decisions", "paired_bootstrap_harm"]
+
+GUARD_TESTS = ("margin", "bootstrap")
 
 
 @dataclass
@@ -37,12 +43,19 @@ class GuardConfig:
 
     guard: bool = True
     guard_grouping: str = "gender x age_group"   # a grouping of the data, or the run's own (``corrupt``)
-    guard_margin: float = 0.005                  # AUC a group may lose to its knowledge before it is switched off
+    guard_test: str = "margin"                   # "margin" or "bootstrap" (paired, over the group's users)
+    guard_margin: float = 0.005                  # test=margin: AUC a group may lose before it is switched off
+    guard_confidence: float = 0.95               # test=bootstrap: share of resamples that must show harm
+    guard_resamples: int = 200
     guard_min_samples: int = 200                 # validation samples a group needs to be judged
 
     def __post_init__(self) -> None:
         if self.guard_margin < 0 or self.guard_min_samples < 1:
             raise ValueError("guard_margin must be >= 0 and guard_min_samples >= 1")
+        if self.guard_test not in GUARD_TESTS:
+            raise ValueError(f"guard_test must be one of {GUARD_TESTS} (got {self.guard_test!r})")
+        if not 0.5 <= self.guard_confidence < 1 or self.guard_resamples < 10:
+            raise ValueError("guard_confidence must be in [0.5, 1) and guard_resamples >= 10")
 
 
 class GroupGuard:
@@ -67,8 +80,8 @@ class GroupGuard:
     """
 
     def __init__(self, config: GuardConfig, groupings: dict[str, Sequence[str]],
-                 enabled: torch.Tensor | None = None, device: torch.device | str = "cpu") -> None:
-        self.config = config
+                 enabled: torch.Tensor | None = None, device: torch.device | str = "cpu", seed: int = 0) -> None:
+        self.config, self.seed = config, seed
         name = config.guard_grouping
         if name not in groupings:
             name = next((g for g in groupings if " x " in g), next(iter(groupings), "all"))
@@ -94,25 +107,60 @@ class GroupGuard:
         self.enabled.fill_(True)
         groups = self.user_group.cpu().numpy()[np.asarray(users)]
         c = self.config
-        rep = guard_decisions(y, p_with, p_without, groups, self.names, c.guard_margin, c.guard_min_samples)
+        rep = guard_decisions(y, p_with, p_without, groups, self.names, c.guard_margin, c.guard_min_samples,
+                              test=c.guard_test, users=np.asarray(users), confidence=c.guard_confidence,
+                              resamples=c.guard_resamples, seed=self.seed)
         for name in rep["disabled"]:
             self.enabled[self.names.index(name)] = False
-        self.report = {"grouping": self.grouping, "margin": c.guard_margin, "min_samples": c.guard_min_samples,
-                       **rep}
+        self.report = {"grouping": self.grouping, "test": c.guard_test, "margin": c.guard_margin,
+                       "min_samples": c.guard_min_samples, **rep}
         return self.report
 
 
+def paired_bootstrap_harm(y: np.ndarray, p_with: np.ndarray, p_without: np.ndarray, users: np.ndarray,
+                          resamples: int = 200, seed: int = 0) -> float:
+    """Share of user resamples (with replacement, the same resample for both) where the AUC without
+    knowledge beats the AUC with it. Resamples with one class only are left out.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> users = np.repeat(np.arange(40), 25); y = rng.integers(0, 2, 1000).astype(float)
+        >>> p0 = 1 / (1 + np.exp(-(y - 0.5 + rng.normal(size=1000))))
+        >>> paired_bootstrap_harm(y, p0 - 0.2 * (y - 0.5), p0, users) > 0.95   # knowledge pushes the wrong way
+        True
+    """
+    rng = np.random.default_rng(seed)
+    ids, inverse = np.unique(users, return_inverse=True)
+    rows = [np.flatnonzero(inverse == k) for k in range(len(ids))]
+    worse = total = 0
+    for _ in range(resamples):
+        pick = np.concatenate([rows[k] for k in rng.integers(0, len(ids), len(ids))])
+        a, b = auc_score(y[pick], p_with[pick]), auc_score(y[pick], p_without[pick])
+        if not (math.isnan(a) or math.isnan(b)):
+            total += 1
+            worse += b > a
+    return worse / total if total else 0.0
+
+
 def guard_decisions(y: np.ndarray, p_with: np.ndarray, p_without: np.ndarray, groups: np.ndarray,
-                    names: Sequence[str], margin: float, min_samples: int) -> dict[str, Any]:
+                    names: Sequence[str], margin: float, min_samples: int, test: str = "margin",
+                    users: np.ndarray | None = None, confidence: float = 0.95, resamples: int = 200,
+                    seed: int = 0) -> dict[str, Any]:
     """Decide per group whether knowledge stays on.
 
     Args:
         y, p_with, p_without: validation labels and probabilities with / without knowledge.
         groups: per sample, the index of its user's group in ``names``.
+        test: ``margin`` (harmed: AUC with < AUC without - ``margin``) or ``bootstrap`` (harmed: the
+            paired bootstrap over ``users`` shows harm in >= ``confidence`` of ``resamples``, seeded).
     Returns:
-        ``{"groups": {name: {n, auc_with, auc_without, harmed, knowledge: on|off[, overall_auc_if_off]}},
-        "val_auc_all_on", "val_auc_guarded", "disabled": [names switched off]}``.
+        ``{"groups": {name: {n, auc_with, auc_without, harmed, knowledge: on|off[, harm_share,
+        overall_auc_if_off]}}, "val_auc_all_on", "val_auc_guarded", "disabled": [names switched off]}``.
     """
+    if test not in GUARD_TESTS:
+        raise ValueError(f"test must be one of {GUARD_TESTS} (got {test!r})")
+    if test == "bootstrap" and users is None:
+        raise ValueError("the bootstrap test resamples users: pass users")
     report: dict[str, Any] = {}
     candidates: list[tuple[float, int]] = []
     for gi, name in enumerate(names):
@@ -120,12 +168,18 @@ def guard_decisions(y: np.ndarray, p_with: np.ndarray, p_without: np.ndarray, gr
         n = int(m.sum())
         a_with = auc_score(y[m], p_with[m]) if n else float("nan")
         a_without = auc_score(y[m], p_without[m]) if n else float("nan")
-        harmed = (n >= min_samples and not math.isnan(a_with) and not math.isnan(a_without)
-                  and a_with < a_without - margin)
+        judged = n >= min_samples and not math.isnan(a_with) and not math.isnan(a_without)
+        report[name] = {"n": n, "auc_with": a_with, "auc_without": a_without, "knowledge": "on"}
+        if test == "margin":
+            harmed = judged and a_with < a_without - margin
+        else:
+            share = paired_bootstrap_harm(y[m], p_with[m], p_without[m], users[m], resamples, seed + gi) \
+                if judged else 0.0
+            report[name]["harm_share"] = share
+            harmed = judged and a_with < a_without and share >= confidence
         if harmed:
             candidates.append((a_without - a_with, gi))
-        report[name] = {"n": n, "auc_with": a_with, "auc_without": a_without, "harmed": bool(harmed),
-                        "knowledge": "on"}
+        report[name]["harmed"] = bool(harmed)
     probs = p_with.copy()
     overall = start = auc_score(y, probs)
     for _, gi in sorted(candidates, reverse=True):

@@ -303,7 +303,7 @@ class CoCo(KnowledgeMethod):
         # source it inverted).
         loaded = self._guard_loaded if self.guard is None else self.guard.enabled
         groupings = {**data.user_groups, **self.user_source(data).groups(), "all": ["all"] * n_users}
-        self.guard = GroupGuard(cfg.guard, groupings, enabled=loaded, device=dev)
+        self.guard = GroupGuard(cfg.guard, groupings, enabled=loaded, device=dev, seed=self.seed)
         max_tokens = min(cfg.kv.max_text_tokens, self.lm.max_context - cfg.codebook.prompt_len)
         shared = cache_root() / "coco-kv" if cfg.kv.kv_shared else None
         # ``static`` reads no user text: every user gets the same text, hence one knowledge vector

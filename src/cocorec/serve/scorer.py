@@ -1,9 +1,9 @@
 """Load a trained run directory (``checkpoint/config.json`` + ``model.safetensors``) and score.
 
 The checkpoint is self-describing: backbone name and arguments, method name and arguments,
-the feature spec and the processed-data key. Knowledge that depends on the user only
-(KAR vectors, CoCo's k_u) travels in the checkpoint, so online scoring costs the backbone
-plus one lookup.
+the feature spec and the processed-data key. KAR's vectors travel in the checkpoint (scoring costs
+the backbone plus one lookup); CoCo recomputes k_u with its LM and its LoRA from the checkpoint (the
+user-text cache is built on first use), so scoring a CoCo run loads the LM.
 
 Example:
     >>> scorer = load_scorer("runs/demo/din-base-0")                       # doctest: +SKIP
@@ -40,10 +40,10 @@ class Scorer:
         knowledge = self.method(batch) if use_knowledge else None
         return torch.sigmoid(self.model(batch, knowledge).float()).numpy()
 
-    def score_split(self, split: str, batch_size: int = 8192) -> np.ndarray:
+    def score_split(self, split: str, batch_size: int = 8192, use_knowledge: bool = True) -> np.ndarray:
         if self.data is None:
             raise ValueError("score_split needs the processed data (load_scorer(..., data=...))")
-        return np.concatenate([self.score_batch(b) for b in self.data.batches(split, batch_size)])
+        return np.concatenate([self.score_batch(b, use_knowledge) for b in self.data.batches(split, batch_size)])
 
     def score_user(self, user_id: str, item_ids: Sequence[str], batch_size: int | None = None) -> np.ndarray:
         """Scores of candidate items for a known user, with the user's latest behaviour as history.
