@@ -327,3 +327,18 @@ def test_kar_item_is_kar_with_the_item_field_fixed():
         "hidden": (64, 16)}
     with pytest.raises(ConfigError):
         RunConfig(method="kar-item").with_overrides({"method": {"fields": "user"}})   # fixed by the variant
+
+
+def test_a_methods_initial_weights_follow_the_runs_seed_not_the_process_history():
+    from cocorec.knowledge.base import build_method
+
+    def weights(seed: int) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in build_method("kar", seed=seed, lm="tiny", encoder="tiny").parameters()]
+
+    first = weights(0)
+    torch.rand(1000)                      # another run drew from the global stream in between
+    state = torch.random.get_rng_state()
+    again = weights(0)
+    assert torch.equal(torch.random.get_rng_state(), state)   # building a method leaves the stream alone
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, weights(1)))

@@ -169,11 +169,18 @@ def register_variant(base: type, name: str, doc: str, **fixed: Any) -> type:
 
 
 def build_method(name: str, seed: int = 0, **kwargs: Any) -> KnowledgeMethod:
-    """The method ``name`` built from its config keys, with the run's ``seed`` (not a config key)."""
+    """The method ``name`` built from its config keys, with the run's ``seed`` (not a config key).
+
+    Construction runs under ``seed`` (KAR's adaptor initialises its weights there) and leaves the
+    global random state as it found it: a method's initial weights never depend on what the process
+    drew before (e.g. the runs before it in a grid).
+    """
     import_methods()
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; one of {sorted(METHODS)}")
-    method = METHODS[name](**kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        method = METHODS[name](**kwargs)
     method.seed = int(seed)
     return method
 
