@@ -37,6 +37,9 @@ def _one_error_line(capsys) -> str:
     (["--seed", "-1"], "error: seed must be an integer from 0 to 2**32 - 1, got -1"),
     (["--seed", str(2**32)], "error: seed must be an integer from 0 to 2**32 - 1, got 4294967296"),
     (["--device", "gpu"], "error: train.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["--method", "coco", "--set", "method.codebook_size=0"], "error: codebook_size, prompt_len and key_dim must be"),
+    (["--method", "coco", "--set", "method.guard_test=ttest"], "error: guard_test must be one of ('margin', 'boot"),
+    (["--method", "coco", "--set", "method.kv_storage=tape"], "error: kv_storage must be one of"),
 ])
 def test_bad_settings_fail_before_the_data(args, message, capsys):
     assert main([*NO_DATA, *args]) == 2

@@ -19,11 +19,10 @@ from typing import Any, Callable
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from cocorec.config import ConfigError, RunError, parse_assignments  # noqa: E402
-from cocorec.data.errors import DataError  # noqa: E402
+from cocorec.config import ConfigError, parse_assignments  # noqa: E402
+from cocorec.errors import InputError  # noqa: E402
 
-# Subcommand modules register themselves here: name -> (add_arguments, handler).
-EXTRA_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -142,18 +141,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cocorec", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("data", help="prepare data / show what the protocol produced")
+def _add_data_command_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["prepare", "stats"])
     _add_data_args(p)
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    p.set_defaults(func=cmd_data)
-    p = sub.add_parser("train", help="train and evaluate one backbone + method + seed")
-    _add_train_args(p)
-    p.set_defaults(func=cmd_train)
-    p = sub.add_parser("score", help="score candidate items for a user with a trained run (no retraining)")
+
+
+def _add_score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run directory written by 'cocorec train --output'")
     p.add_argument("--user", required=True, help="the dataset's own user id")
     p.add_argument("--items", default=None, help="comma-separated item ids")
@@ -163,27 +157,38 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="directory holding the dataset (default: the run's own)")
     p.add_argument("--dataset", default=None,
                    help="the run's dataset, if it moved (default: found from the run's checkpoint)")
-    p.set_defaults(func=cmd_score)
-    p = sub.add_parser("demo", help="the main job on the embedded default (ml-100k)")
+
+
+def _add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None)
-    p.set_defaults(func=cmd_demo)
-    for name, (add_args, handler) in EXTRA_COMMANDS.items():
-        p = sub.add_parser(name, help=(handler.__doc__ or "").strip().split("\n")[0] or None)
+
+
+def commands() -> dict[str, Command]:
+    """Every subcommand: name -> (help, add its arguments, handler). The one table of the CLI."""
+    from cocorec.bench.cli import add_bench_args, add_report_args, cmd_bench, cmd_report
+    from cocorec.knowledge.cli import add_arguments as add_knowledge_args
+    from cocorec.knowledge.cli import handler as cmd_knowledge
+
+    return {
+        "data": ("prepare data / show what the protocol produced", _add_data_command_args, cmd_data),
+        "train": ("train and evaluate one backbone + method + seed", _add_train_args, cmd_train),
+        "score": ("score candidate items for a user with a trained run (no retraining)", _add_score_args,
+                  cmd_score),
+        "demo": ("the main job on the embedded default (ml-100k)", _add_demo_args, cmd_demo),
+        "knowledge": ("generate and inspect the LM knowledge of kar / r4ec", add_knowledge_args, cmd_knowledge),
+        "bench": ("run a grid of runs (resumable), then write the report", add_bench_args, cmd_bench),
+        "report": ("write the Markdown report and plots of a results file", add_report_args, cmd_report),
+    }
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cocorec", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_, add_args, handler) in commands().items():
+        p = sub.add_parser(name, help=help_)
         add_args(p)
         p.set_defaults(func=handler)
     return parser
-
-
-def _load_extra_commands() -> None:
-    """Subcommands contributed by other packages (knowledge, bench, report, serve)."""
-    import importlib
-
-    for mod in ("cocorec.knowledge.cli", "cocorec.bench.cli", "cocorec.serve.cli"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if not (e.name and mod.startswith(e.name)):
-                raise
 
 
 def _one_line(e: BaseException) -> str:
@@ -191,18 +196,12 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _load_extra_commands()
     args = make_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (DataError, ConfigError, RunError) as e:
+    except InputError as e:   # bad data, setting, run, LM or cache: the message names what to fix
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except ValueError as e:  # LMError and other input errors raised as ValueError subclasses
-        if type(e).__name__ in ("LMError", "CacheError"):
-            print(f"error: {_one_line(e)}", file=sys.stderr)
-            return 2
-        raise
     except FloatingPointError as e:   # a diverged loss: the trainer names epoch, step and the fix
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -215,7 +214,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main: subcommand modules register into `cocorec.cli`, not into `__main__`.
-    from cocorec.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -24,12 +24,14 @@ import types
 import typing
 from typing import Any, Callable, Mapping
 
+from cocorec.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """An override names an unknown key, gives a value of the wrong type, or a value out of its range."""
 
 
-class RunError(ValueError):
+class RunError(InputError):
     """A run that cannot start or cannot be written: its output directory holds another run or is not
     writable, or a metric is not a number. The CLI prints it as one line and exits 2."""
 

@@ -1,4 +1,4 @@
-"""``cocorec bench`` and ``cocorec report`` (registered into the main CLI on import).
+"""``cocorec bench`` and ``cocorec report`` (listed in :func:`cocorec.cli.commands`).
 
     cocorec bench --grid bench/quick.yaml [--results F] [--out-dir runs/bench/quick] [--dry-run] [--quiet]
     cocorec bench --grid bench/full.yaml --methods base,kar,r4ec    # a part of the grid now, the rest later
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-from cocorec.cli import EXTRA_COMMANDS
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -107,6 +105,3 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"wrote {report} from {n} result lines" + (f"; {len(plots)} plots in {plots[0].parent}" if plots else ""))
     return 0
 
-
-EXTRA_COMMANDS["bench"] = (add_bench_args, cmd_bench)
-EXTRA_COMMANDS["report"] = (add_report_args, cmd_report)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cocorec.config import ConfigError
+
 
 @dataclass
 class CodebookConfig:
@@ -50,10 +52,10 @@ class CodebookConfig:
 
     def __post_init__(self) -> None:
         if min(self.codebook_size, self.prompt_len, self.key_dim) < 1:
-            raise ValueError(f"codebook_size, prompt_len and key_dim must be >= 1 (got {self.codebook_size}, "
+            raise ConfigError(f"codebook_size, prompt_len and key_dim must be >= 1 (got {self.codebook_size}, "
                              f"{self.prompt_len}, {self.key_dim})")
         if self.reset_every < 0 or self.vq_beta < 0 or self.vq_weight < 0:
-            raise ValueError("reset_every, vq_beta and vq_weight must be >= 0")
+            raise ConfigError("reset_every, vq_beta and vq_weight must be >= 0")
 
     def build(self, hidden_size: int) -> "VQCodebook":
         return VQCodebook(self.codebook_size, self.key_dim, self.prompt_len, hidden_size, beta=self.vq_beta,

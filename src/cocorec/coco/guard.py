@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from cocorec.config import ConfigError
 from cocorec.eval.metrics import auc as auc_score
 
 __all__ = ["GUARD_TESTS", "GroupGuard", "GuardConfig", "guard_decisions", "paired_bootstrap_harm"]
@@ -51,11 +52,11 @@ class GuardConfig:
 
     def __post_init__(self) -> None:
         if self.guard_margin < 0 or self.guard_min_samples < 1:
-            raise ValueError("guard_margin must be >= 0 and guard_min_samples >= 1")
+            raise ConfigError("guard_margin must be >= 0 and guard_min_samples >= 1")
         if self.guard_test not in GUARD_TESTS:
-            raise ValueError(f"guard_test must be one of {GUARD_TESTS} (got {self.guard_test!r})")
+            raise ConfigError(f"guard_test must be one of {GUARD_TESTS} (got {self.guard_test!r})")
         if not 0.5 <= self.guard_confidence < 1 or self.guard_resamples < 10:
-            raise ValueError("guard_confidence must be in [0.5, 1) and guard_resamples >= 10")
+            raise ConfigError("guard_confidence must be in [0.5, 1) and guard_resamples >= 10")
 
 
 class GroupGuard:

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cocorec.config import ConfigError
+
 COLLABORATION = "collaboration"
 CONTRADICTION = "contradiction"
 
@@ -73,7 +75,7 @@ class JudgeConfig:
     def __post_init__(self) -> None:
         if min(self.rate_window, self.phase_steps, self.contradiction_users_per_step) < 1 or \
                 min(self.cooldown_steps, self.warmup_steps, self.max_phases) < 0:
-            raise ValueError("rate_window, phase_steps and contradiction_users_per_step must be >= 1; "
+            raise ConfigError("rate_window, phase_steps and contradiction_users_per_step must be >= 1; "
                              "cooldown_steps, warmup_steps and max_phases >= 0")
 
     def scheduler(self) -> "PhaseScheduler":

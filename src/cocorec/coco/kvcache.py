@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cocorec.config import ConfigError
 from cocorec.knowledge.lm import LM, cache_from_kv, kv_from_cache, resolve_dtype
 from cocorec.utils.io import key_of
 
@@ -244,9 +245,9 @@ class KVConfig:
 
     def __post_init__(self) -> None:
         if self.kv_storage not in STORAGES:
-            raise ValueError(f"kv_storage must be one of {STORAGES} (got {self.kv_storage!r})")
+            raise ConfigError(f"kv_storage must be one of {STORAGES} (got {self.kv_storage!r})")
         if self.max_text_tokens < 1 or self.kv_batch_tokens < 1 or self.kv_memory_limit_gb < 0:
-            raise ValueError("max_text_tokens and kv_batch_tokens must be >= 1, kv_memory_limit_gb >= 0")
+            raise ConfigError("max_text_tokens and kv_batch_tokens must be >= 1, kv_memory_limit_gb >= 0")
 
     def cache_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`UserTextKVCache` (directory and shared dir are the caller's)."""

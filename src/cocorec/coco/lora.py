@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cocorec.config import ConfigError
+
 ADAPTER = "coco"
 LORA_SCOPES = ("all", "suffix")
 
@@ -45,9 +47,9 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if self.lora_scope not in LORA_SCOPES:
-            raise ValueError(f"lora_scope must be one of {LORA_SCOPES} (got {self.lora_scope!r})")
+            raise ConfigError(f"lora_scope must be one of {LORA_SCOPES} (got {self.lora_scope!r})")
         if self.lora_rank < 1 or self.lora_lr <= 0 or not self.targets:
-            raise ValueError("lora_rank must be >= 1, lora_lr > 0 and lora_targets name a module")
+            raise ConfigError("lora_rank must be >= 1, lora_lr > 0 and lora_targets name a module")
 
     @property
     def targets(self) -> tuple[str, ...]:

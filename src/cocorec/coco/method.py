@@ -75,6 +75,7 @@ from cocorec.coco.judge import COLLABORATION, CONTRADICTION, JudgeConfig, UserJu
 from cocorec.coco.kvcache import BASE, KVConfig, UserTextKVCache
 from cocorec.coco.lora import LoRAConfig, add_lora, fingerprint
 from cocorec.coco.readout import ReadoutConfig
+from cocorec.config import ConfigError
 from cocorec.knowledge.base import KnowledgeMethod, register_method, register_variant
 from cocorec.knowledge.sources import LEAK, check_source
 from cocorec.utils.io import cache_root
@@ -129,14 +130,14 @@ class CoCoConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.knowledge_dropout < 1.0:
-            raise ValueError(f"knowledge_dropout must be in [0, 1) (got {self.knowledge_dropout})")
+            raise ConfigError(f"knowledge_dropout must be in [0, 1) (got {self.knowledge_dropout})")
         if self.bank not in BANK_KINDS:
-            raise ValueError(f"bank must be one of {BANK_KINDS} (got {self.bank!r})")
+            raise ConfigError(f"bank must be one of {BANK_KINDS} (got {self.bank!r})")
         if self.user_text not in ("own", "none"):
-            raise ValueError(f"user_text must be 'own' (each user's text) or 'none' (no user text) "
+            raise ConfigError(f"user_text must be 'own' (each user's text) or 'none' (no user text) "
                              f"(got {self.user_text!r})")
         if self.lm_users_per_step < 0 or self.lm_batch_users < 1:
-            raise ValueError("lm_users_per_step must be >= 0 and lm_batch_users >= 1")
+            raise ConfigError("lm_users_per_step must be >= 0 and lm_batch_users >= 1")
 
     @classmethod
     def key_table(cls) -> dict[str, tuple[str | None, Any, Any]]:

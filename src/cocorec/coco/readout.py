@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cocorec.config import ConfigError
+
 
 @dataclass
 class ReadoutConfig:
@@ -38,9 +40,9 @@ class ReadoutConfig:
 
     def __post_init__(self) -> None:
         if min(self.knowledge_dim, self.readout_dim, self.readout_heads, self.readout_hidden) < 1:
-            raise ValueError("knowledge_dim, readout_dim, readout_heads and readout_hidden must be >= 1")
+            raise ConfigError("knowledge_dim, readout_dim, readout_heads and readout_hidden must be >= 1")
         if self.readout_dim % self.readout_heads:
-            raise ValueError(f"readout_dim {self.readout_dim} must be divisible by readout_heads {self.readout_heads}")
+            raise ConfigError(f"readout_dim {self.readout_dim} must be divisible by readout_heads {self.readout_heads}")
 
     def build(self, hidden_size: int) -> "CrossAttentionReadout":
         return CrossAttentionReadout(hidden_size, self.knowledge_dim, attn_dim=self.readout_dim,

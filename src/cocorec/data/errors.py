@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from cocorec.errors import InputError
 
-class DataError(ValueError):
+
+class DataError(InputError):
     """Bad input data. The message names the file and the row or column at fault.
 
     The CLI prints it as one line and exits non-zero; it never surfaces as a

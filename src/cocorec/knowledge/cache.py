@@ -68,11 +68,13 @@ __all__ = [
     "save_safetensors_atomic",
 ]
 
+from cocorec.errors import InputError
+
 _FORMAT = 1
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class CacheError(ValueError):
+class CacheError(InputError):
     """A cache directory that cannot be used (wrong namespace key, wrong kind, bad name)."""
 
 

@@ -17,8 +17,6 @@ import inspect
 import time
 from typing import Any
 
-from cocorec.cli import EXTRA_COMMANDS
-
 _DEFAULTS = {"lm": "smollm2", "encoder": "minilm", "max_new_tokens": 64, "batch_size": 32, "item_batch_size": 64,
              "lm_device": "auto", "lm_dtype": "float32", "rounds": 1}
 
@@ -167,5 +165,3 @@ def cmd_show(args: argparse.Namespace) -> int:
 def handler(args: argparse.Namespace) -> int:
     return cmd_generate(args) if args.knowledge_action == "generate" else cmd_show(args)
 
-
-EXTRA_COMMANDS["knowledge"] = (add_arguments, handler)

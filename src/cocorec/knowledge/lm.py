@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from cocorec.errors import InputError
 from cocorec.utils.io import atomic_replace_dir, atomic_write_json, cache_root, file_sha256, key_of
 
 __all__ = [
@@ -70,7 +71,7 @@ _GGUF_MAGIC = b"GGUF"
 _SOURCE_MARKER = "cocorec_source.json"  # written last into a converted dir: its presence = complete
 
 
-class LMError(ValueError):
+class LMError(InputError):
     """An LM source that cannot be loaded (missing path, corrupt GGUF, no config.json...)."""
 
 
