@@ -1,9 +1,9 @@
 """Collect the runs of a grid from results files (by run key) into a folder and render its report.
 
     .venv/bin/python docs/results/collect.py GRID OUT_DIR RESULTS [RESULTS ...]
-    .venv/bin/python docs/results/collect.py bench/full.yaml docs/results/full \
+    .venv/bin/python docs/results/collect.py grids/full.yaml docs/results/full \
         docs/results/ml100k-din-dcnv2.jsonl runs/bench/full/results.jsonl
-    .venv/bin/python docs/results/collect.py bench/ml100k-kar-fields.yaml docs/results/kar-fields \
+    .venv/bin/python docs/results/collect.py grids/ml100k-kar-fields.yaml docs/results/kar-fields \
         runs/bench/full/results.jsonl
 
 Keeps only lines whose run key is one of the grid's (the key is a hash of the whole run

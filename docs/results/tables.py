@@ -3,7 +3,7 @@
     .venv/bin/python docs/results/tables.py          # the DIN/DCNv2 headline and group tables
     .venv/bin/python docs/results/tables.py --full   # README's "full grid so far" table (full/results.jsonl)
 
-``ml100k-din-dcnv2.jsonl``: the runs of ``bench/ml100k-din-dcnv2.yaml`` (base/static/coco* mostly on
+``ml100k-din-dcnv2.jsonl``: the runs of ``grids/ml100k-din-dcnv2.yaml`` (base/static/coco* mostly on
 an H100, kar/r4ec on the 2-core CPU; each line names its machine). ``ml100k-base-cpu.jsonl``: the
 backbones alone on that CPU, the same-machine reference of kar and r4ec.
 """

@@ -92,7 +92,7 @@ def test_shipped_grids_load() -> None:
 
     from cocorec.bench.grid import available_methods
 
-    grids = {n: load_grid(REPO / "bench" / f"{n}.yaml")
+    grids = {n: load_grid(REPO / "grids" / f"{n}.yaml")
              for n in ("quick", "full", "ci", "ml100k-din-dcnv2", "ml100k-kar-fields", "controls",
                        "coco-controls")}
     assert len(expand_grid(grids["ml100k-din-dcnv2"], out_dir="x")) == 126
@@ -114,7 +114,7 @@ def test_shipped_grids_load() -> None:
     quick = grids["quick"]
     q = load_grid(QUICK_GRID)
     assert (quick.datasets, quick.backbones, quick.methods, quick.seeds, quick.overrides) == (
-        q.datasets, q.backbones, q.methods, q.seeds, q.overrides)                 # demo == bench/quick.yaml
+        q.datasets, q.backbones, q.methods, q.seeds, q.overrides)                 # demo == grids/quick.yaml
     assert demo_grid().methods == ["base", "kar", "coco"]
     for g in grids.values():
         assert len(expand_grid(g)) == (len(g.datasets) * len(g.backbones) * len(g.methods) * len(g.seeds)

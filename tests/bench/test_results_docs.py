@@ -32,11 +32,11 @@ def test_full_grid_results_keep_only_the_grids_runs_latest_first(tmp_path: Path)
 
 
 def test_committed_full_grid_results_are_runs_of_bench_full_yaml() -> None:
-    """Every committed line is a cell of bench/full.yaml (its run keys predate the one-seed config)."""
+    """Every committed line is a cell of grids/full.yaml (its run keys predate the one-seed config)."""
     from cocorec.bench.grid import expand_grid, load_grid, read_jsonl
     from cocorec.bench.report import render_report
 
-    grid = load_grid(REPO / "bench" / "full.yaml")
+    grid = load_grid(REPO / "grids" / "full.yaml")
     cells = {(p.dataset, p.backbone, p.method, p.seed) for p in expand_grid(grid)}
     lines = read_jsonl(REPO / "docs" / "results" / "full" / "results.jsonl")
     assert len(lines) >= 42 and all((r["dataset"], r["backbone"], r["method"], r["seed"]) in cells for r in lines)

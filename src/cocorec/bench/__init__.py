@@ -1,6 +1,6 @@
 """Benchmarks: YAML grids of runs (resumable), Markdown reports and PNG plots over a results file.
 
-    cocorec bench --grid bench/quick.yaml          # runs what is not done yet, then writes the report
+    cocorec bench --grid grids/quick.yaml          # runs what is not done yet, then writes the report
     cocorec report --results runs/bench/quick/results.jsonl --output REPORT.md --plots-dir plots
 
 Python:

@@ -1,7 +1,7 @@
 """``cocorec bench`` and ``cocorec report`` (listed in :func:`cocorec.cli.commands`).
 
-    cocorec bench --grid bench/quick.yaml [--results F] [--out-dir runs/bench/quick] [--dry-run] [--quiet]
-    cocorec bench --grid bench/full.yaml --methods base,kar,r4ec    # a part of the grid now, the rest later
+    cocorec bench --grid grids/quick.yaml [--results F] [--out-dir runs/bench/quick] [--dry-run] [--quiet]
+    cocorec bench --grid grids/full.yaml --methods base,kar,r4ec    # a part of the grid now, the rest later
     cocorec report --results runs/bench/quick/results.jsonl [--output REPORT.md] [--plots-dir DIR]
 
 ``bench`` runs every run of the grid that is not already in the results file (rerun it after an
@@ -18,7 +18,7 @@ from pathlib import Path
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.description = "Run a grid of datasets x backbones x methods x seeds (resumable), then write the report."
-    p.add_argument("--grid", required=True, help="grid YAML (e.g. bench/quick.yaml, bench/full.yaml, bench/ci.yaml)")
+    p.add_argument("--grid", required=True, help="grid YAML (e.g. grids/quick.yaml, grids/full.yaml, grids/ci.yaml)")
     p.add_argument("--results", default=None, help="results JSONL (default: the grid's, else <out-dir>/results.jsonl)")
     p.add_argument("--out-dir", default=None,
                    help="run directories (default: the grid's out_dir, else runs/bench/<name>)")

@@ -1,6 +1,6 @@
 """The quick comparison behind ``cocorec demo``: base, kar and coco on DIN, ml-100k, seed 0.
 
-It is a small bench grid (:data:`QUICK_GRID`, the same as ``bench/quick.yaml``): resumable (rerun to
+It is a small bench grid (:data:`QUICK_GRID`, the same as ``grids/quick.yaml``): resumable (rerun to
 continue; finished runs are not repeated), a method that fails (e.g. its LM is missing) is reported and
 the others go on. Prints the comparison table and where the report and plots are.
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from cocorec.bench.grid import Grid, load_grid, run_grid
 
-# Mirrors bench/quick.yaml (that file is not installed with the package).
+# Mirrors grids/quick.yaml (that file is not installed with the package).
 QUICK_GRID: dict[str, Any] = {
     "name": "quick",
     "datasets": ["ml-100k"],
