@@ -81,3 +81,35 @@ def test_domain_errors(tmp_path, cache_dir, edit, message):
     d = edit_spec(write_implicit(tmp_path / "d"), edit)
     with pytest.raises(DataError, match=r"dataset\.yaml: " + message):
         prepare(str(d))
+
+
+def test_movielens_domain_recorded_before_tag_label_reads_genres(ml100k):
+    old = {k: v for k, v in MOVIELENS.to_dict().items() if k != "tag_label"}
+    assert Domain.from_dict(old) == MOVIELENS and Domain.from_dict(old).tag_label == "Genres"
+    meta = {**ml100k.meta, "domain": old}
+    assert CTRData(ml100k.name, ml100k.spec, ml100k.config, ml100k.arrays, meta).domain == MOVIELENS
+    other = {**old, "item_noun": "film"}                  # not MovieLens' domain: the generic label
+    assert Domain.from_dict(other).tag_label == "Tags"
+    assert "Genres: " in ml100k.item_text[1] and "Movies the user watched" in ml100k.user_text[0]
+
+
+def test_generic_explicit_texts_use_the_domain_noun_and_tag_label(tmp_path, cache_dir):
+    d = write_generic(tmp_path / "d")                     # tags column 'genres', no domain section
+    data = prepare(str(d))
+    assert data.domain.tag_label == "Genres"
+    assert "Items the user rated, oldest first, with their rating (1-5): " in data.user_text[0]
+    assert "Movies" not in " ".join(data.user_text) and "watched" not in " ".join(data.user_text)
+    edit_spec(d, lambda s: (s["items"].update(tags="genres"), s.update(domain={"item_noun": "book"})))
+    data = prepare(str(d))
+    assert data.user_text[0].splitlines()[1].startswith("Books the user rated, oldest first")
+    edit_spec(d, lambda s: s["domain"].update(tag_label="Shelves"))
+    data = prepare(str(d))
+    assert data.domain.tag_label == "Shelves" and all(" Shelves: " in t for t in data.item_text[1:])
+    assert "Genres" not in " ".join(data.item_text)
+
+
+def test_implicit_item_texts_name_the_tag_column(tmp_path, cache_dir):
+    data = prepare(str(write_implicit(tmp_path / "d")))   # tags column 'cat'
+    assert data.domain.tag_label == "Cat" and all(" Cat: " in t for t in data.item_text[1:])
+    assert data.user_text[0].splitlines()[1].startswith("Apps the user interacted with, oldest first, with the "
+                                                        "number of times the user opened the app: ")

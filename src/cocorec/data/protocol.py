@@ -251,14 +251,27 @@ def user_text(profile: dict[str, str], history: list[tuple[str, int]], has_ratin
               domain: Domain | None = None, counts: list[float] | None = None) -> str:
     """The text of a user's profile and LM history ``[(title, rating)]`` that CoCo's LM reads.
 
-    Explicit data reads as today (ratings as ``r/5``; label-only data as liked / not liked), whatever
-    ``domain``. Implicit data (an implicit ``domain``) lists what the user interacted with, with
-    ``counts`` (what ``domain.feedback_meaning`` says) when the data has them: never as a rating.
+    Explicit data: ratings as ``r/5`` (label-only data: liked / not liked), the items named by
+    ``domain.item_noun_plural`` (MovieLens, and no ``domain``: "Movies the user watched", as always).
+    Implicit data (an implicit ``domain``) lists what the user interacted with, with ``counts`` (what
+    ``domain.feedback_meaning`` says) when the data has them: never as a rating.
+
+    Example:
+        >>> from cocorec.data.raw import Domain
+        >>> apps = Domain(item_noun="app", item_noun_plural="apps", feedback="implicit",
+        ...               feedback_meaning="times the user opened it")
+        >>> print(user_text({"country": "FR"}, [("Maps", 5), ("Mail", 5)], False, domain=apps, counts=[3, 40]))
+        User profile: country: FR.
+        Apps the user interacted with, oldest first, with the times the user opened it: Maps (3); Mail (40).
+        >>> print(user_text({}, [("Kettle", 4)], True, domain=Domain(item_noun="product", item_noun_plural="products")))
+        User profile: unknown.
+        Products the user rated, oldest first, with their rating (1-5): Kettle (4/5).
     """
     parts = [f"{k}: {v}" for k, v in profile.items() if v and v != "unknown"]
     prof = "; ".join(parts) if parts else "unknown"
-    if domain is not None and domain.implicit:
-        things = domain.item_noun_plural[:1].upper() + domain.item_noun_plural[1:]
+    dom = domain if domain is not None else MOVIELENS
+    things = dom.item_noun_plural[:1].upper() + dom.item_noun_plural[1:]
+    if dom.implicit:
         if counts is not None:
             hist = "; ".join(f"{t} ({_count_text(c)})" for (t, _), c in zip(history, counts))
             return (f"User profile: {prof}.\n{things} the user interacted with, oldest first, with the "
@@ -267,17 +280,22 @@ def user_text(profile: dict[str, str], history: list[tuple[str, int]], has_ratin
         return f"User profile: {prof}.\n{things} the user interacted with, oldest first: {hist}."
     if has_ratings:
         hist = "; ".join(f"{t} ({r}/5)" for t, r in history)
-        return f"User profile: {prof}.\nMovies the user watched, oldest first, with their rating (1-5): {hist}."
+        verb = "watched" if dom.item_noun == "movie" else "rated"
+        return f"User profile: {prof}.\n{things} the user {verb}, oldest first, with their rating (1-5): {hist}."
     hist = "; ".join(f"{t} ({'liked' if r >= 4 else 'not liked'})" for t, r in history)
-    return f"User profile: {prof}.\nItems the user interacted with, oldest first: {hist}."
+    # Label-only data: "Items ..." whatever the domain was, until the domain named the items.
+    things = "Items" if domain is None else things
+    return f"User profile: {prof}.\n{things} the user interacted with, oldest first: {hist}."
 
 
-def _item_text(info: dict[str, Any], extra: dict[str, str]) -> str:
+def _item_text(info: dict[str, Any], extra: dict[str, str], tag_label: str = "Genres") -> str:
+    """An item's text: title, year, its tags under ``tag_label`` (the domain's: "Genres" on MovieLens),
+    and the spec's extra text columns."""
     s = f"Title: {info['title']}."
     if info.get("year"):
         s += f" Year: {info['year']}."
     if info.get("tags"):
-        s += f" Genres: {', '.join(info['tags'])}."
+        s += f" {tag_label}: {', '.join(info['tags'])}."
     for k, v in extra.items():
         if v:
             s += f" {k}: {v}."
@@ -594,7 +612,7 @@ def build(raw: RawData, cfg: ProtocolConfig) -> CTRData:
                 "year": None if pd.isna(row.year) else int(row.year), "tags": list(row.tags)}
         info["extra"] = {c: str(getattr(row, c)) for c in extra_cols}
         item_info.append(info)
-    item_text = [""] + [_item_text(info, info["extra"]) for info in item_info]
+    item_text = [""] + [_item_text(info, info["extra"], raw.domain.tag_label) for info in item_info]
     item_info = [{"id": "", "title": "", "year": None, "tags": [], "extra": {}}] + item_info
     user_texts = []
     for uid in range(len(user_ids)):

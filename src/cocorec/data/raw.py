@@ -4,8 +4,9 @@ Every source is read into one canonical `RawData`:
 
 * ``interactions``: columns ``user`` (str), ``item`` (str), ``rating`` (float, NaN when
   the data has labels only or is implicit), ``label`` (int 0/1; all 1 for implicit feedback),
-  ``timestamp`` (int64 seconds), ``row`` (1-based line number in the source file, for error
-  messages), and ``count`` (float > 0) for implicit feedback with a count column.
+  ``timestamp`` (int64 seconds; without a time column, the row number: file order is time order),
+  ``row`` (1-based line number in the source file, for error messages), and ``count`` (float > 0)
+  for implicit feedback with a count column.
 * ``domain``: what the items are and what the feedback means (:class:`Domain`), ``feedback``
   (explicit | implicit) and, for implicit data, how negatives are drawn (:class:`NegativeSampling`).
 * ``items``: indexed by ``item`` (str) with ``title`` (str), ``year`` (float, NaN when unknown),
@@ -32,7 +33,7 @@ import os
 import re
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,7 @@ class Domain:
     feedback_meaning: str = "rating from 1 to 5"   # what a rating (explicit) or a count (implicit) means
     factors: tuple[str, ...] = GENERIC_FACTORS      # KAR's scenario factors
     profile_fields: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROFILE_WORDING), hash=False)
+    tag_label: str = "Tags"                   # what the items' tags are, in texts ("Genres: Action, Drama.")
 
     @property
     def implicit(self) -> bool:
@@ -123,15 +125,20 @@ class Domain:
     def to_dict(self) -> dict[str, Any]:
         return {"item_noun": self.item_noun, "item_noun_plural": self.item_noun_plural, "feedback": self.feedback,
                 "feedback_meaning": self.feedback_meaning, "factors": list(self.factors),
-                "profile_fields": dict(self.profile_fields)}
+                "profile_fields": dict(self.profile_fields), "tag_label": self.tag_label}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Domain":
-        return cls(**{**d, "factors": tuple(d["factors"]), "profile_fields": dict(d["profile_fields"])})
+        dom = cls(**{**d, "factors": tuple(d["factors"]), "profile_fields": dict(d["profile_fields"])})
+        if "tag_label" not in d:   # recorded before tag_label existed: MovieLens' is "Genres"
+            ml = replace(dom, tag_label=MOVIELENS.tag_label)
+            if ml == MOVIELENS and ml.profile_fields == MOVIELENS.profile_fields:
+                return ml
+        return dom
 
 
 MOVIELENS = Domain(item_noun="movie", item_noun_plural="movies", feedback="explicit",
-                   feedback_meaning="rating from 1 (bad) to 5 (great)", factors=MOVIELENS_FACTORS)
+                   feedback_meaning="rating from 1 (bad) to 5 (great)", factors=MOVIELENS_FACTORS, tag_label="Genres")
 
 
 @dataclass(frozen=True)
@@ -381,7 +388,8 @@ def load_ml1m_3k(data_dir: str | os.PathLike | None = None, download: bool = Fal
 GENERIC_SPEC_NAMES = ("dataset.yaml", "dataset.yml", "dataset.json")
 # Part of every generic dataset's fingerprint: raise it when the generic format's processing changes,
 # so processed generic data is rebuilt (MovieLens fingerprints are the files' alone).
-GENERIC_FORMAT = "generic-format-2"   # 2: strict spec, implicit feedback, domain, declared encodings
+GENERIC_FORMAT = "generic-format-3"   # 2: strict spec, implicit feedback, domain, declared encodings;
+#                                       3: domain-worded texts (tag label, item noun), optional timestamp
 
 
 def _is_name(v: Any) -> bool:
@@ -422,7 +430,7 @@ SPEC_SCHEMA: dict[str, Any] = {
               "text": _NAMES, "categorical": _NAMES},
     "users": {**_TABLE, "user": _NAME, "profile": _NAMES, "groups": _NAMES},
     "domain": {"item_noun": _NAME, "item_noun_plural": _NAME, "feedback_meaning": _NAME, "factors": _FACTORS,
-               "profile_fields": _WORDING},
+               "profile_fields": _WORDING, "tag_label": _NAME},
 }
 
 
@@ -620,10 +628,17 @@ def _domain(spec: dict[str, Any], name: str) -> Domain:
         meaning = base.feedback_meaning if base is MOVIELENS and (lo, hi) == (1, 5) else f"rating from {lo:g} to {hi:g}"
     else:
         meaning = f"whether the user liked the {noun} (1) or not (0)"
+    tags = spec["items"].get("tags")
+    if base is MOVIELENS or not tags:
+        label = base.tag_label
+    else:   # the tag column's own name: "genres" -> "Genres", "app_category" -> "App category"
+        label = tags.replace("_", " ").strip()
+        label = label[:1].upper() + label[1:]
     return Domain(item_noun=noun, item_noun_plural=plural, feedback=feedback,
                   feedback_meaning=dom.get("feedback_meaning", meaning),
                   factors=tuple(dom.get("factors", base.factors)),
-                  profile_fields={**base.profile_fields, **dom.get("profile_fields", {})})
+                  profile_fields={**base.profile_fields, **dom.get("profile_fields", {})},
+                  tag_label=dom.get("tag_label", label))
 
 
 def _read_spec(d: Path) -> tuple[Path, dict[str, Any]]:
@@ -687,8 +702,13 @@ def load_generic(directory: str | os.PathLike) -> RawData:
                 i = int(np.argmax(bad))
                 raise DataError(f"count {df[c].iloc[i]!r} is not a positive number (every row is a positive "
                                 f"interaction)", file=str(p_int), row=int(df["row"].iloc[i]), column=c)
-    tcol = si.get("timestamp", "timestamp")
-    ts = _parse_timestamp(_col(df, tcol, p_int, "timestamp"), df, p_int, tcol)
+    tcol = si.get("timestamp", "timestamp" if "timestamp" in df.columns else None)
+    if tcol is not None:
+        ts = _parse_timestamp(_col(df, tcol, p_int, "timestamp"), df, p_int, tcol)
+    else:   # no time column: the file's order is the time order
+        ts = df["row"].to_numpy(dtype=np.int64)
+        notes.append(f"{p_int.name}: no timestamp column; the file's row order is the time order (each user's "
+                     f"interactions in the order of their rows)")
     inter = pd.DataFrame({"user": user.to_numpy(), "item": item.to_numpy(), "rating": rating,
                           "timestamp": ts, "row": df["row"].to_numpy()})
     if label is not None:
