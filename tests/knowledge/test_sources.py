@@ -142,3 +142,81 @@ def test_field_method_carries_a_per_user_vector_and_permuting_it_is_measured(toy
 
     probs = load_scorer(tmp_path / "run", data=toy).score_split("test")
     assert auc(toy.split("test").label, probs) == pytest.approx(metrics["test"]["auc"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- implicit feedback
+@pytest.fixture(scope="module")
+def apps(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A usage log: every row a positive with a use count; the spec declares the domain (apps)."""
+    from cocorec.data import prepare
+    from tests.data.helpers import write_implicit
+
+    return prepare(str(write_implicit(tmp_path_factory.mktemp("sources-apps") / "apps", n_users=30, n_items=40)))
+
+
+def _own_items(data, u):
+    mine = {int(i) for i, _ in data.llm_history(u)}
+    for s in ("train", "val", "test"):
+        sp = data.split(s)
+        mine |= set(sp.item[(sp.user == u) & (sp.label > 0)].tolist())
+    return mine
+
+
+def test_implicit_data_has_no_ratings_and_its_own_noun(apps, toy):
+    from cocorec.knowledge.sources import has_ratings, item_noun
+
+    assert apps.implicit and not has_ratings(apps) and item_noun(apps) == "app"
+    assert has_ratings(toy) and item_noun(toy) == "item"
+    # an object without a domain: MovieLens' noun for an ml- name, else the generic one
+    assert item_noun(type("D", (), {"name": "ml-x"})()) == "movie" and item_noun(object()) == "item"
+
+
+def test_implicit_shuffled_view_keeps_the_datas_wording_and_counts(apps):
+    s = UserSource(apps, "shuffled", seed=1)
+    view = s.view()
+    for u in range(apps.n_users):
+        v = int(s.knowledge_user[u])
+        assert view.user_text[u] == apps.user_text[v]                       # counts and domain wording included
+        assert view.llm_history_counts(u) == apps.llm_history_counts(v)
+    assert "Apps the user interacted with" in view.user_text[0] and "/5" not in "".join(view.user_text)
+
+
+def test_implicit_corruption_shows_foreign_items_never_low_ratings(apps):
+    from cocorec.knowledge import kar
+
+    s = UserSource(apps, "lm", 0.5, seed=0)
+    view = s.view()
+    bad, good = np.flatnonzero(s.corrupted), np.flatnonzero(~s.corrupted)
+    for u in bad:
+        u = int(u)
+        h, own = s.history(u), apps.llm_history(u)
+        assert len(h) == len(own) and {r for _, r in h} == {5}                # codes untouched: no "1" ratings
+        assert not {i for i, _ in h} & _own_items(apps, u)                  # items the user never interacted with
+        assert view.llm_history_counts(u) == apps.llm_history_counts(u)     # the user's own counts, in order
+        assert view.user_text[u] != apps.user_text[u]
+        prompt = kar.user_prompt(view, u)
+        assert "interacted with these apps" in prompt and "rated" not in prompt and ": 1" not in prompt
+        counts = "; ".join(f"({int(c)})" for c in apps.llm_history_counts(u))
+        assert [x.rsplit(" ", 1)[1] for x in prompt.splitlines()[1].split("; ")] == counts.split("; ")
+    for u in good:
+        assert view.user_text[int(u)] == apps.user_text[int(u)] and s.history(int(u)) == apps.llm_history(int(u))
+    again = UserSource(apps, "lm", 0.5, seed=0)
+    assert [again.history(int(u)) for u in bad] == [s.history(int(u)) for u in bad]     # seeded
+    other = UserSource(apps, "lm", 0.5, seed=1)
+    u = int(np.flatnonzero(s.corrupted & other.corrupted)[0])
+    assert other.history(u) != s.history(u)
+
+
+def test_implicit_template_and_oracle_texts_speak_of_use_not_ratings(apps):
+    tmpl = UserSource(apps, "template", 0.0, seed=0)
+    t = tmpl.template_text(0)
+    total = sum(apps.llm_history_counts(0))
+    assert t.startswith(f"Interacted with {len(apps.llm_history(0))} apps (number of times the user opened the "
+                        f"app: {int(total)} in all).")
+    assert "Most frequent cat:" in t and "Highest number of times the user opened the app:" in t
+    for word in ("Rated", "rating", "liked", "Disliked", "genre", "movie"):
+        assert word not in t
+    assert tmpl.template_text(0, corrupted=True) != t
+    o = UserSource(apps, "oracle", 0.0, seed=0).oracle_text(0)
+    assert o.startswith("Of the apps this user was shown, they interacted with 33%.") and "by cat:" in o
+    assert "like" not in o

@@ -26,7 +26,8 @@ Example (tiny random LM + encoder; no files needed):
     >>> from cocorec.knowledge.lm import tiny_lm
     >>> from cocorec.knowledge.encoder import TextEncoder
     >>> store = KnowledgeStore(tiny_lm(), TextEncoder.tiny(dim=32), max_new_tokens=4, root=tempfile.mkdtemp())
-    >>> store.generate("item", ["Describe the movie \\"Heat\\"."])[0] == store.generate("item", ["Describe the movie \\"Heat\\"."])[0]
+    >>> prompt = "Describe the movie \\"Heat\\"."
+    >>> store.generate("item", [prompt])[0] == store.generate("item", [prompt])[0]
     True
     >>> store.stats["item"]
     {'generated': 1, 'cached': 1}
@@ -47,11 +48,11 @@ import torch
 from cocorec.knowledge import prompts as P
 from cocorec.knowledge.base import KnowledgeMethod, register_method, register_variant
 from cocorec.knowledge.hea import HybridExpertAdaptor
-from cocorec.knowledge.sources import LEAK, check_source, has_ratings, item_noun
+from cocorec.knowledge.sources import LEAK, check_source, data_domain, has_ratings, item_noun
 from cocorec.utils.io import atomic_write_json, cache_root, key_of
 
-__all__ = ["KarMethod", "KnowledgeStore", "R4ecMethod", "encoder_dim", "make_encoder", "make_lm",
-           "user_history", "TEXT_KINDS"]
+__all__ = ["KarMethod", "KnowledgeStore", "R4ecMethod", "encoder_dim", "item_noun", "make_encoder", "make_lm",
+           "system_message", "user_history", "TEXT_KINDS"]
 
 #: Kinds of generated text (each its own cache namespace).
 TEXT_KINDS = ("user", "item", "reflect", "refine")
@@ -94,25 +95,50 @@ def encoder_dim(name: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------ data -> prompts
+# Every prompt is worded by the data's domain (noun, factors, profile wording, system message; implicit
+# feedback: counts, never ratings). MovieLens' domain words them exactly as before the domain existed.
 def user_history(data: Any, user: int) -> list[tuple[str, Any, int]]:
     """``[(title, None, rating)]`` of the user's LM history, oldest first.
 
     Years are left out of the history (they make the prompt markedly longer); the item prompts
-    carry them.
+    carry them. On implicit data the rating codes are all 5 and never shown (see :func:`history_counts`).
     """
     return [(data.item_info[i]["title"], None, r) for i, r in data.llm_history(user)]
 
 
+def history_counts(data: Any, user: int) -> list[float] | None:
+    """The counts of the user's LM history (implicit data with a count column), else None."""
+    if not getattr(data, "implicit", False):
+        return None
+    f = getattr(data, "llm_history_counts", None)
+    return f(user) if f is not None else None
+
+
+def system_message(data: Any) -> str:
+    """The system message of the data's generations (MovieLens: :data:`cocorec.knowledge.prompts.SYSTEM`)."""
+    return P.system_message(data_domain(data))
+
+
 def user_history_part(data: Any, user: int) -> str:
-    return P.user_history_part(data.user_profile[user], user_history(data, user), has_ratings(data), item_noun(data))
+    return P.user_history_part(data.user_profile[user], user_history(data, user), has_ratings(data), item_noun(data),
+                               domain=data_domain(data), counts=history_counts(data, user))
 
 
 def user_prompt(data: Any, user: int) -> str:
-    return P.user_prompt(data.user_profile[user], user_history(data, user), has_ratings(data), item_noun(data))
+    return P.user_prompt(data.user_profile[user], user_history(data, user), has_ratings(data), item_noun(data),
+                         domain=data_domain(data), counts=history_counts(data, user))
 
 
 def item_prompt(data: Any, item: int) -> str:
-    return P.item_prompt(data.item_info[item], item_noun(data))
+    return P.item_prompt(data.item_info[item], item_noun(data), domain=data_domain(data))
+
+
+def reflect_prompt(data: Any, history_part: str, reasoning: str) -> str:
+    return P.reflect_prompt(history_part, reasoning, item_noun(data), domain=data_domain(data))
+
+
+def refine_prompt(data: Any, history_part: str, reasoning: str, critique: str) -> str:
+    return P.refine_prompt(history_part, reasoning, critique, item_noun(data), domain=data_domain(data))
 
 
 # ------------------------------------------------------------------------------------------ the store
@@ -139,7 +165,7 @@ class KnowledgeStore:
         self.log = log
         self.stats: dict[str, dict[str, int]] = {}
         self.seconds: dict[str, float] = {}
-        self._text_caches: dict[str, Any] = {}
+        self._text_caches: dict[tuple[str, str], Any] = {}
         self._vec_cache: Any = None
 
     # -- lazily loaded models -----------------------------------------------------------------
@@ -170,22 +196,24 @@ class KnowledgeStore:
             self.log(msg)
 
     # -- caches ----------------------------------------------------------------------------------
-    def generation_settings(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_new_tokens, "system": P.SYSTEM, "decoding": "greedy"}
+    def generation_settings(self, system: str | None = None) -> dict[str, Any]:
+        """``system``: the data's system message (:func:`system_message`; default MovieLens' ``P.SYSTEM``)."""
+        return {"max_new_tokens": self.max_new_tokens, "system": system or P.SYSTEM, "decoding": "greedy"}
 
-    def namespace(self, kind: str) -> str:
+    def namespace(self, kind: str, system: str | None = None) -> str:
         """Cache namespace of one text kind: LM identity + template version + generation settings."""
         if kind not in P.TEMPLATE_VERSIONS:
             raise ValueError(f"unknown text kind {kind!r}; one of {sorted(P.TEMPLATE_VERSIONS)}")
-        return key_of("text", self.lm.identity, P.TEMPLATE_VERSIONS[kind], self.generation_settings())
+        return key_of("text", self.lm.identity, P.TEMPLATE_VERSIONS[kind], self.generation_settings(system))
 
-    def text_cache(self, kind: str) -> Any:
+    def text_cache(self, kind: str, system: str | None = None) -> Any:
         from cocorec.knowledge.cache import TextCache
 
-        if kind not in self._text_caches:
-            meta = {"lm": self.lm.identity, "template": P.TEMPLATE_VERSIONS[kind], **self.generation_settings()}
-            self._text_caches[kind] = TextCache(self.root / "text", self.namespace(kind), meta=meta)
-        return self._text_caches[kind]
+        slot = (kind, system or P.SYSTEM)
+        if slot not in self._text_caches:
+            meta = {"lm": self.lm.identity, "template": P.TEMPLATE_VERSIONS[kind], **self.generation_settings(system)}
+            self._text_caches[slot] = TextCache(self.root / "text", self.namespace(kind, system), meta=meta)
+        return self._text_caches[slot]
 
     def vector_cache(self) -> Any:
         from cocorec.knowledge.cache import VectorCache
@@ -200,23 +228,25 @@ class KnowledgeStore:
     def prompt_key(prompt: str) -> str:
         return key_of(prompt)
 
-    def cached(self, kind: str, prompt: str) -> str | None:
+    def cached(self, kind: str, prompt: str, system: str | None = None) -> str | None:
         """The cached generation of ``prompt`` (``None`` if not generated yet); never generates."""
-        return self.text_cache(kind).get(self.prompt_key(prompt))
+        return self.text_cache(kind, system).get(self.prompt_key(prompt))
 
-    def count_cached(self, kind: str, prompts: Iterable[str]) -> tuple[int, int]:
+    def count_cached(self, kind: str, prompts: Iterable[str], system: str | None = None) -> tuple[int, int]:
         """(distinct prompts, how many of them are cached)."""
         keys = {self.prompt_key(p) for p in prompts}
-        return len(keys), len(keys) - len(self.text_cache(kind).missing(keys))
+        return len(keys), len(keys) - len(self.text_cache(kind, system).missing(keys))
 
     # -- generation ------------------------------------------------------------------------------
-    def generate(self, kind: str, prompts: Sequence[str], batch_size: int | None = None) -> list[str]:
+    def generate(self, kind: str, prompts: Sequence[str], batch_size: int | None = None,
+                 system: str | None = None) -> list[str]:
         """Texts for ``prompts`` (input order): cached ones are read, the rest generated batch by batch.
 
         Each batch is written to the cache as soon as it is done, so an interrupted call loses at
         most one batch. The first batch (the longest prompts) is timed for an estimate of the rest.
+        ``system``: the system message (the data's, :func:`system_message`; default MovieLens').
         """
-        cache = self.text_cache(kind)
+        cache = self.text_cache(kind, system)
         keys = [self.prompt_key(p) for p in prompts]
         by_key = dict(zip(keys, prompts))
         missing = cache.missing(keys)
@@ -238,7 +268,7 @@ class KnowledgeStore:
                     chunk = missing[b * bs:(b + 1) * bs]
                     t0 = time.perf_counter()
                     outs = self.lm.generate([by_key[k] for k in chunk], max_new_tokens=self.max_new_tokens,
-                                            batch_size=bs, system=P.SYSTEM)
+                                            batch_size=bs, system=system or P.SYSTEM)
                     cache.put_many(dict(zip(chunk, outs)))  # flushed now: a kill keeps this batch
                     st["generated"] += len(chunk)
                     bar.update(len(chunk))
@@ -252,21 +282,22 @@ class KnowledgeStore:
 
     # -- knowledge of users and items -----------------------------------------------------------
     def user_reasoning(self, data: Any, users: Sequence[int]) -> list[str]:
-        return self.generate("user", [user_prompt(data, u) for u in users])
+        return self.generate("user", [user_prompt(data, u) for u in users], system=system_message(data))
 
     def item_facts(self, data: Any, items: Sequence[int]) -> list[str]:
-        return self.generate("item", [item_prompt(data, i) for i in items])
+        return self.generate("item", [item_prompt(data, i) for i in items], system=system_message(data))
 
     def r4ec_chain(self, data: Any, users: Sequence[int], rounds: int) -> list[list[dict[str, str]]]:
         """Per user: ``[{"reasoning"}, {"reflection", "refined"} x rounds]`` (round 0 = KAR's reasoning)."""
         hist = [user_history_part(data, u) for u in users]
-        noun = item_noun(data)
+        system = system_message(data)
         current = self.user_reasoning(data, users)
         chains = [[{"reasoning": c}] for c in current]
         for _ in range(int(rounds)):
-            critiques = self.generate("reflect", [P.reflect_prompt(h, c, noun) for h, c in zip(hist, current)])
-            current = self.generate("refine", [P.refine_prompt(h, c, r, noun)
-                                               for h, c, r in zip(hist, current, critiques)])
+            critiques = self.generate("reflect", [reflect_prompt(data, h, c) for h, c in zip(hist, current)],
+                                      system=system)
+            current = self.generate("refine", [refine_prompt(data, h, c, r)
+                                               for h, c, r in zip(hist, current, critiques)], system=system)
             for ch, r, c in zip(chains, critiques, current):
                 ch.append({"reflection": r, "refined": c})
         return chains
@@ -302,8 +333,8 @@ class KnowledgeStore:
     def item_vectors(self, data: Any, items: Sequence[int]) -> np.ndarray:
         return self.encode(self.item_facts(data, items))
 
-    def identities(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"lm": self.lm.identity, "generation": self.generation_settings(),
+    def identities(self, system: str | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"lm": self.lm.identity, "generation": self.generation_settings(system),
                                "templates": dict(P.TEMPLATE_VERSIONS)}
         if self._encoder is not None:
             out["encoder"] = self.encoder.identity
@@ -403,8 +434,8 @@ class KarMethod(KnowledgeMethod):
         device = next(self.hea.parameters()).device
         self._set_vectors(torch.from_numpy(np.ascontiguousarray(u)).to(device),
                           torch.from_numpy(np.ascontiguousarray(i)).to(device))
-        self._info = {**store.identities(), "source": self.user_source(data).label, "texts": store.stats, "seconds": {k: round(v, 1) for k, v in
-                                                                              store.seconds.items()},
+        self._info = {**store.identities(system_message(data)), "source": self.user_source(data).label,
+                      "texts": store.stats, "seconds": {k: round(v, 1) for k, v in store.seconds.items()},
                       "prepare_seconds": round(time.perf_counter() - t0, 1)}
         store.release()
         if output_dir is not None:

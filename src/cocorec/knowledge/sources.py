@@ -18,6 +18,17 @@ in the history the LM (or the template) reads, rates ``x -> 1 - x`` in the oracl
 the grouping ``corrupt`` (``corrupted`` / ``clean``) of the run's per-group metrics, which is how a
 judge's ability to find and remove contradicting knowledge is measured against ground truth.
 
+Implicit feedback has no rating to invert (every LM-history row is a positive, its code 5 only
+means "interacted"; ``6 - r`` would show the LM a column of 1-5 "ratings" of 1). There, a corrupted
+user's LM history becomes as many items the user **never** interacted with (in any split; drawn
+uniformly, distinct while there are enough, seeded per user by the run's seed and the split seed),
+in the history's order and with the user's own counts: knowledge of preferences the user does not
+have, worded exactly like true knowledge. The oracle's rates are inverted as on explicit data.
+
+Every text says what the data's :class:`~cocorec.data.raw.Domain` says: its item noun, its tag label
+("genres" on MovieLens) and, for implicit data, what the user interacted with and the counts' meaning,
+never a rating (MovieLens' texts are unchanged, byte for byte).
+
 All draws (the corrupted users, the derangement) follow the run's seed and the split seed, so a
 source is deterministic per (dataset, split, seed).
 
@@ -43,10 +54,12 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from cocorec.config import ConfigError
 
-__all__ = ["SOURCES", "LEAK", "UserSource", "check_source", "derangement", "has_ratings", "item_noun", "source_label"]
+__all__ = ["SOURCES", "LEAK", "UserSource", "check_source", "data_domain", "derangement", "has_ratings", "item_noun",
+           "source_label"]
 
 #: Every source and what it is (the oracle's line names the leak wherever it is shown).
 SOURCES: dict[str, str] = {
@@ -139,11 +152,46 @@ class UserSource:
 
     # ------------------------------------------------------------------ the LM history, as read
     def history(self, u: int, corrupted: bool | None = None) -> list[tuple[int, int]]:
-        """(item, rating 1-5) of user ``u``'s LM history; ratings inverted (6 - r) when ``u`` is corrupted
-        (``corrupted``: override the run's draw)."""
+        """(item, rating 1-5) of user ``u``'s LM history; when ``u`` is corrupted (``corrupted``: override
+        the run's draw), ratings inverted (6 - r), or on implicit data the items replaced by items the
+        user never interacted with (codes kept: 5 = interacted)."""
         h = self.data.llm_history(u)
         bad = bool(self.corrupted[u]) if corrupted is None else corrupted
-        return [(i, 6 - r) for i, r in h] if bad else h
+        if not bad:
+            return h
+        if _implicit(self.data):
+            return list(zip(self._foreign_items(u, len(h)), (r for _, r in h)))
+        return [(i, 6 - r) for i, r in h]
+
+    def counts(self, u: int) -> list[float] | None:
+        """The counts of ``u``'s LM history (implicit data with a count column; corrupted or not, the
+        user's own, in order), else None."""
+        f = getattr(self.data, "llm_history_counts", None)
+        return f(u) if f is not None else None
+
+    def _foreign_items(self, u: int, n: int) -> list[int]:
+        """``n`` items user ``u`` never interacted with (implicit corruption), seeded per user."""
+        own = self._own_items[u]
+        cand = np.setdiff1d(np.arange(1, int(self.data.spec.n_items)), own)
+        if not len(cand) or not n:
+            return [int(i) for i, _ in self.data.llm_history(u)][:n]   # nothing else to show: unchanged
+        rng = np.random.default_rng([int(self.seed), int(self.data.config.split_seed), sum(b"corrupt-items"),
+                                     int(u)])
+        return rng.choice(cand, size=n, replace=len(cand) < n).tolist()
+
+    @cached_property
+    def _own_items(self) -> list[np.ndarray]:
+        """Per user, every item they interacted with: the LM history and the positive samples of every split."""
+        users, items, labels = self._sample_table
+        pos = labels > 0
+        by_user = pd.Series(items[pos]).groupby(users[pos]).unique() if pos.any() else pd.Series(dtype=object)
+        d = self.data
+        out = []
+        for u in range(d.n_users):
+            a, b = d.llm_offsets[u], d.llm_offsets[u + 1]
+            mine = by_user.get(u, np.zeros(0, np.int64))
+            out.append(np.union1d(np.asarray(d.llm_items[a:b], np.int64), np.asarray(mine, np.int64)))
+        return out
 
     def _liked(self, rating: int) -> bool:
         return rating >= min(5.0, float(self.data.config.positive_threshold))
@@ -166,17 +214,21 @@ class UserSource:
         return self.view().user_text
 
     def template_text(self, u: int, corrupted: bool | None = None) -> str:
-        """A deterministic summary of ``u``'s LM history: rating statistics, genres and titles."""
+        """A deterministic summary of ``u``'s LM history: rating statistics, genres (tags) and titles;
+        on implicit data what the user interacted with, the counts, the tags and the top titles."""
         hist = self.history(u, corrupted)
-        noun = item_noun(self.data)
+        dom = data_domain(self.data)
+        things, tags_word = dom.item_noun_plural, dom.tag_label.lower()
+        if _implicit(self.data):
+            return self._implicit_template(hist, self.counts(u), dom)
         if not hist:
-            return f"No {noun}s rated yet."
+            return f"No {things} rated yet."
         info = self.data.item_info
         r = np.array([x for _, x in hist], dtype=float)
         liked = [self._liked(x) for _, x in hist]
         n_liked = int(sum(liked))
-        parts = [f"Rated {len(hist)} {noun}s" + (f", mean rating {r.mean():.1f} of 5" if has_ratings(self.data)
-                                                   else "") + f"; liked {n_liked} ({100 * n_liked / len(hist):.0f}%)."]
+        parts = [f"Rated {len(hist)} {things}" + (f", mean rating {r.mean():.1f} of 5" if has_ratings(self.data)
+                                                  else "") + f"; liked {n_liked} ({100 * n_liked / len(hist):.0f}%)."]
         pos: dict[str, int] = {}
         neg: dict[str, int] = {}
         for (i, _), ok in zip(hist, liked):
@@ -185,7 +237,7 @@ class UserSource:
         for word, counts in (("Liked", pos), ("Disliked", neg)):
             top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
             if top:
-                parts.append(f"{word} genres: " + ", ".join(f"{t} ({c})" for t, c in top) + ".")
+                parts.append(f"{word} {tags_word}: " + ", ".join(f"{t} ({c})" for t, c in top) + ".")
         order = np.argsort(-r, kind="stable")
         best = [info[hist[j][0]]["title"] for j in order[:3] if liked[j]]
         worst = [info[hist[j][0]]["title"] for j in order[::-1][:3] if not liked[j]]
@@ -195,16 +247,44 @@ class UserSource:
             parts.append("Disliked: " + "; ".join(worst) + ".")
         return " ".join(parts)
 
+    def _implicit_template(self, hist: list[tuple[int, int]], counts: list[float] | None, dom: Any) -> str:
+        """The template text of an implicit LM history: no rating, no "liked" (every row is a positive)."""
+        if not hist:
+            return f"No {dom.item_noun_plural} yet."
+        info = self.data.item_info
+        head = f"Interacted with {len(hist)} {dom.item_noun_plural}"
+        if counts is not None:
+            head += f" ({dom.feedback_meaning}: {_count_text(sum(counts))} in all)"
+        parts = [head + "."]
+        seen: dict[str, int] = {}
+        for i, _ in hist:
+            for t in info[i]["tags"]:
+                seen[t] = seen.get(t, 0) + 1
+        top = sorted(seen.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+        if top:
+            parts.append(f"Most frequent {dom.tag_label.lower()}: " + ", ".join(f"{t} ({c})" for t, c in top) + ".")
+        if counts is not None:
+            order = np.argsort(-np.asarray(counts, dtype=float), kind="stable")[:3]
+            parts.append(f"Highest {dom.feedback_meaning}: "
+                         + "; ".join(f"{info[hist[j][0]]['title']} ({_count_text(counts[j])})" for j in order) + ".")
+        else:
+            parts.append("Latest: " + "; ".join(info[i]["title"] for i, _ in hist[::-1][:3]) + ".")
+        return " ".join(parts)
+
     def oracle_text(self, u: int, corrupted: bool | None = None) -> str:
         """LEAK: ``u``'s label rate and per-genre positive rates over their own samples, in words and numbers."""
         rate, per_tag, counts = self._oracle(u, corrupted)
-        noun = item_noun(self.data)
-        word = next(w for cut, w in _LIKE_WORDS if rate < cut)
+        dom = data_domain(self.data)
+        by = "genre" if dom.tag_label == "Genres" else dom.tag_label.lower()
         tags = self.data.meta["tag_vocab"]
         top = [j for j in np.argsort(-counts, kind="stable") if counts[j] > 0][:6]
         genre = ", ".join(f"{tags[j]} {100 * per_tag[j]:.0f}%" for j in top)
-        return (f"Of the {noun}s this user was shown, they liked {100 * rate:.0f}%: the user {word}."
-                + (f" Liked by genre: {genre}." if genre else ""))
+        if _implicit(self.data):   # the samples: the user's own items and the sampled negatives
+            return (f"Of the {dom.item_noun_plural} this user was shown, they interacted with {100 * rate:.0f}%."
+                    + (f" Interacted with, by {by}: {genre}." if genre else ""))
+        word = next(w for cut, w in _LIKE_WORDS if rate < cut)
+        return (f"Of the {dom.item_noun_plural} this user was shown, they liked {100 * rate:.0f}%: the user {word}."
+                + (f" Liked by {by}: {genre}." if genre else ""))
 
     # ------------------------------------------------------------------ vectors (the direct field)
     def vectors(self) -> np.ndarray:
@@ -269,13 +349,33 @@ class UserSource:
         return rate, per_tag, counts
 
 
+def data_domain(data: Any) -> Any:
+    """The data's :class:`~cocorec.data.raw.Domain` (an object without one: MovieLens' for an ``ml-``
+    name, else the generic defaults)."""
+    from cocorec.data.raw import MOVIELENS, Domain
+
+    dom = getattr(data, "domain", None)
+    if dom is not None:
+        return dom
+    return MOVIELENS if str(getattr(data, "name", "")).startswith("ml-") else Domain()
+
+
 def item_noun(data: Any) -> str:
-    """What the dataset's items are called in texts ("movie" on MovieLens)."""
-    return "movie" if str(getattr(data, "name", "")).startswith("ml-") else "item"
+    """What the dataset's items are called in texts (``data.domain.item_noun``: "movie" on MovieLens)."""
+    return data_domain(data).item_noun
+
+
+def _implicit(data: Any) -> bool:
+    return bool(getattr(data, "implicit", False))
 
 
 def has_ratings(data: Any) -> bool:
-    return bool(getattr(data, "meta", {}).get("has_ratings", True))
+    """Whether the LM history holds ratings to show: never on implicit data (its codes only mean "interacted")."""
+    return not _implicit(data) and bool(getattr(data, "meta", {}).get("has_ratings", True))
+
+
+def _count_text(c: float) -> str:
+    return str(int(c)) if float(c).is_integer() else f"{c:g}"
 
 
 class SourceData:
@@ -293,12 +393,19 @@ class SourceData:
     def llm_history(self, u: int) -> list[tuple[int, int]]:
         return self._src.history(int(self._src.knowledge_user[u]), bool(self._src.corrupted[u]))
 
+    def llm_history_counts(self, u: int) -> list[float] | None:
+        """The counts of the history :meth:`llm_history` shows (the knowledge user's own, in order)."""
+        return self._src.counts(int(self._src.knowledge_user[u]))
+
     @cached_property
     def user_text(self) -> list[str]:
+        """The user texts in the data's own wording (its domain; implicit: the counts, never a rating)."""
         from cocorec.data.protocol import user_text
 
         d = self._data
         if self._src.source == "lm" and not self._src.corrupted.any():
             return list(d.user_text)
+        # Built as the data's own texts are (protocol.build): the stored has_ratings, the domain, the counts.
+        rated = bool(d.meta.get("has_ratings", True))
         return [user_text(self.user_profile[u], [(d.item_info[i]["title"], r) for i, r in self.llm_history(u)],
-                          has_ratings(d)) for u in range(d.n_users)]
+                          rated, domain=data_domain(d), counts=self.llm_history_counts(u)) for u in range(d.n_users)]
