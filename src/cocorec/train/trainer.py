@@ -34,6 +34,7 @@ from cocorec.data.errors import DataError
 from cocorec.data.protocol import CTRData
 from cocorec.eval.metrics import evaluate_predictions
 from cocorec.knowledge.base import KnowledgeMethod
+from cocorec.utils.device import resolve_device as _resolve_device
 from cocorec.utils.io import atomic_write_json, read_json, save_safetensors_atomic
 from cocorec.utils.seed import seed_everything
 
@@ -72,12 +73,8 @@ class TrainConfig:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but no CUDA device is available here (use auto or cpu)")
-    return dev
+    """``train.device`` as a device (:func:`cocorec.utils.device.resolve_device`)."""
+    return _resolve_device(name, "train.device")
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
