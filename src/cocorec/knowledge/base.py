@@ -240,13 +240,23 @@ def check_method_args(name: str, args: dict[str, Any]) -> None:
                      args.get("corrupt", params["corrupt"].default if "corrupt" in params else 0.0))
 
 
+#: The built-in methods and the module that defines each (imported on first use: they pull in
+#: transformers). ``register_method`` adds a user's own method beside them.
+BUILTIN_METHODS = {
+    "base": "cocorec.knowledge.base",
+    "field": "cocorec.knowledge.field",
+    "kar": "cocorec.knowledge.kar", "kar-item": "cocorec.knowledge.kar", "r4ec": "cocorec.knowledge.kar",
+    "coco": "cocorec.coco.method", "coco-novq": "cocorec.coco.method", "coco-nojudge": "cocorec.coco.method",
+    "static": "cocorec.coco.method", "coco-oneprompt": "cocorec.coco.method",
+}
+
+
 def import_methods() -> None:
-    """Import the modules that register methods (kept lazy: they pull in transformers)."""
+    """Import the modules of :data:`BUILTIN_METHODS`; each must define the methods listed for it."""
     import importlib
 
-    for mod in ("cocorec.knowledge.kar", "cocorec.knowledge.field", "cocorec.coco.method"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a method module not built yet
-            if not (e.name and mod.startswith(e.name)):
-                raise
+    for mod in sorted(set(BUILTIN_METHODS.values())):
+        importlib.import_module(mod)
+    missing = sorted(set(BUILTIN_METHODS) - set(METHODS))
+    if missing:
+        raise RuntimeError(f"built-in methods not defined by their modules: {missing}")
