@@ -608,17 +608,7 @@ def run_grid(grid: Grid, out_dir: str | None = None, results: str | None = None,
         plans = plans[i::n]
     summary = BenchSummary(results=str(results), runs=plans)
     if dry_run:
-        log(format_plan(plans))
-        secs, n_est, unknown = estimate_todo(plans, results)
-        parts = []
-        if n_est:
-            parts.append(f"~{secs / 3600:.1f} h for {n_est} run(s), by the mean wall time of finished runs of the "
-                         f"same dataset and method (and backbone where there is one; other machines count too)")
-        if unknown:
-            parts.append(f"nothing to estimate from for: {', '.join(unknown)}")
-        if parts:
-            log("todo: " + "; ".join(parts))
-        log(f"{summary.line()}  (results: {results})")
+        _log_dry_run(plans, results, summary, log)
         return summary
     if runner is None:
         from cocorec.train.run import run as runner
@@ -626,6 +616,30 @@ def run_grid(grid: Grid, out_dir: str | None = None, results: str | None = None,
     if data_fn is None:
         def data_fn(cfg: Any) -> Any:
             return _data_for(cfg, data_cache)
+    _run_plans(grid, plans, results, summary, runner, data_fn, log)
+    return summary
+
+
+def _log_dry_run(plans: list[PlannedRun], results: str | Path, summary: BenchSummary,
+                 log: Callable[[str], None]) -> None:
+    """What is done, what is left, and about how long the rest takes."""
+    log(format_plan(plans))
+    secs, n_est, unknown = estimate_todo(plans, results)
+    parts = []
+    if n_est:
+        parts.append(f"~{secs / 3600:.1f} h for {n_est} run(s), by the mean wall time of finished runs of the "
+                     f"same dataset and method (and backbone where there is one; other machines count too)")
+    if unknown:
+        parts.append(f"nothing to estimate from for: {', '.join(unknown)}")
+    if parts:
+        log("todo: " + "; ".join(parts))
+    log(f"{summary.line()}  (results: {results})")
+
+
+def _run_plans(grid: Grid, plans: list[PlannedRun], results: str | Path, summary: BenchSummary,
+               runner: Callable[..., dict[str, Any]], data_fn: Callable[[Any], Any],
+               log: Callable[[str], None]) -> None:
+    """Run every planned run that is todo, one after the other; a failure is recorded and the grid goes on."""
     todo = sum(p.status == "todo" for p in plans)
     n = 0
     log(f"bench {grid.name}: {len(plans)} runs, {todo} to run, {sum(p.status == 'cached' for p in plans)} cached, "
@@ -660,7 +674,6 @@ def run_grid(grid: Grid, out_dir: str | None = None, results: str | None = None,
         finally:
             _free_memory()
     log(summary.line())
-    return summary
 
 
 def _data_for(cfg: Any, cache: dict[str, Any]) -> Any:
