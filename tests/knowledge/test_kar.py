@@ -152,7 +152,7 @@ def test_user_encoder_input_is_generation_plus_history(tmp_path, toy):
     s.user_vectors(toy, [0])
     hist = kar.user_history_part(toy, 0)
     (text,) = s.encoder.texts
-    assert text.endswith(hist) and text.startswith(s.cached("user", kar.user_prompt(toy, 0)))
+    assert text.endswith(hist) and text.startswith(s.cached("user", kar.user_prompt(toy, 0), kar.system_message(toy)))
     titles = [toy.item_info[i]["title"] for i, _ in toy.llm_history(0)]
     prompt = kar.user_prompt(toy, 0)
     assert all(t in prompt for t in titles)

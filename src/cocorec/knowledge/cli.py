@@ -94,8 +94,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"method {args.method}" + (f" ({args.rounds} round(s))" if args.method == "r4ec" else ""))
     print(f"LM {lm.identity} on {lm.device}; max_new_tokens {args.max_new_tokens}, batch {args.batch_size} users / "
           f"{args.item_batch_size} items; torch threads {__import__('torch').get_num_threads()}")
-    total_u, cached_u = store.count_cached("user", [kar.user_prompt(data, u) for u in users])
-    total_i, cached_i = store.count_cached("item", [kar.item_prompt(data, i) for i in items])
+    system = kar.system_message(data)
+    total_u, cached_u = store.count_cached("user", [kar.user_prompt(data, u) for u in users], system)
+    total_i, cached_i = store.count_cached("item", [kar.item_prompt(data, i) for i in items], system)
     print(f"to generate: user reasoning {total_u - cached_u} ({cached_u} of {total_u} cached), "
           f"item facts {total_i - cached_i} ({cached_i} of {total_i} cached)"
           + (f", then up to {2 * args.rounds * n_u} reflect/refine texts" if args.method == "r4ec" else ""))
@@ -129,26 +130,25 @@ def _find(ids: list[str], value: str, what: str) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from cocorec.knowledge import kar
-    from cocorec.knowledge import prompts as P
 
     data = _load(args)
     u = _find(data.user_ids, args.user, "user")
     store = _store(args)
     print(f"LM {store.lm.identity}; max_new_tokens {args.max_new_tokens}\n")
     missing = "(not generated yet: run `cocorec knowledge generate` with the same settings)"
-    prompt = kar.user_prompt(data, u)
+    prompt, system = kar.user_prompt(data, u), kar.system_message(data)
     print(f"== user {args.user}: prompt ==\n{prompt}\n")
-    text = store.cached("user", prompt)
+    text = store.cached("user", prompt, system)
     print(f"== user {args.user}: generated reasoning ==\n{text if text is not None else missing}\n")
     if args.method == "r4ec" and text is not None:
-        hist, noun = kar.user_history_part(data, u), kar.item_noun(data)
+        hist = kar.user_history_part(data, u)
         current = text
         for r in range(1, args.rounds + 1):
-            critique = store.cached("reflect", P.reflect_prompt(hist, current, noun))
+            critique = store.cached("reflect", kar.reflect_prompt(data, hist, current), system)
             print(f"== round {r}: reflection ==\n{critique if critique is not None else missing}\n")
             if critique is None:
                 break
-            refined = store.cached("refine", P.refine_prompt(hist, current, critique, noun))
+            refined = store.cached("refine", kar.refine_prompt(data, hist, current, critique), system)
             print(f"== round {r}: refinement ==\n{refined if refined is not None else missing}\n")
             if refined is None:
                 break
@@ -156,7 +156,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.item is not None:
         i = _find(data.item_ids, args.item, "item") + 1
         ip = kar.item_prompt(data, i)
-        facts = store.cached("item", ip)
+        facts = store.cached("item", ip, system)
         print(f"== item {args.item}: prompt ==\n{ip}\n\n== item {args.item}: facts ==\n"
               f"{facts if facts is not None else missing}")
     return 0
