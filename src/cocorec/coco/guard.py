@@ -44,7 +44,7 @@ class GuardConfig:
 
     guard: bool = True
     guard_grouping: str = "gender x age_group"   # a grouping of the data, or the run's own (``corrupt``)
-    guard_test: str = "margin"                   # "margin" or "bootstrap" (paired, over the group's users)
+    guard_test: str = "bootstrap"                # "bootstrap" (paired, over the group's users) or "margin"
     guard_margin: float = 0.005                  # test=margin: AUC a group may lose before it is switched off
     guard_confidence: float = 0.95               # test=bootstrap: share of resamples that must show harm
     guard_resamples: int = 200
