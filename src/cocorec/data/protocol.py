@@ -454,12 +454,36 @@ def _check_both_classes(arrays: dict[str, np.ndarray], raw: RawData, cfg: Protoc
 
 
 # ---------------------------------------------------------------------------- building
-def build(raw: RawData, cfg: ProtocolConfig) -> CTRData:
-    check_protocol(cfg)
-    check_protocol_against_data(raw, cfg)
-    notes = list(raw.notes)
-    df = _clean_interactions(raw, cfg, notes)
+@dataclass
+class _Items:
+    """The item tables: ids (index 0 is padding), tags, categorical features, the raw rows."""
 
+    ids: list[str]
+    index: dict[str, int]
+    rows: pd.DataFrame
+    tag_vocab: list[str]
+    tags: np.ndarray
+    feats: np.ndarray
+    fields: dict[str, int]
+
+    @property
+    def n(self) -> int:
+        return len(self.ids) + 1
+
+
+@dataclass
+class _Users:
+    """The user tables: ids, categorical features, profile (for the texts) and groupings (for reports)."""
+
+    ids: list[str]
+    index: dict[str, int]
+    feats: np.ndarray
+    fields: dict[str, int]
+    profile: list[dict[str, str]]
+    groups: dict[str, list[str]]
+
+
+def _item_tables(raw: RawData, cfg: ProtocolConfig, df: pd.DataFrame) -> _Items:
     # Items: index 0 is padding; only items that occur in interactions get an index.
     item_ids = sorted(df["item"].unique(), key=lambda s: (len(s), s))
     item_index = {it: i + 1 for i, it in enumerate(item_ids)}
@@ -482,8 +506,10 @@ def build(raw: RawData, cfg: ProtocolConfig) -> CTRData:
         codes, cats = _vocab(vals.reset_index(drop=True))
         item_feats[1:, j] = codes
         item_fields[c] = len(cats) + 1
+    return _Items(item_ids, item_index, items, tag_vocab, item_tags, item_feats, item_fields)
 
-    # Users.
+
+def _user_tables(raw: RawData, df: pd.DataFrame, notes: list[str]) -> _Users:
     user_ids = sorted(df["user"].unique(), key=lambda s: (len(s), s))
     user_index = {u: i for i, u in enumerate(user_ids)}
     if raw.users is not None:
@@ -511,25 +537,37 @@ def build(raw: RawData, cfg: ProtocolConfig) -> CTRData:
     if len(raw.group_columns) >= 2:
         a, b = raw.group_columns[:2]
         user_groups[f"{a} x {b}"] = [f"{x} / {y}" for x, y in zip(user_groups[a], user_groups[b])]
+    return _Users(user_ids, user_index, user_feats, user_fields, user_profile, user_groups)
 
-    # Per-user sequences -> LM history + samples.
-    u = df["user"].map(user_index).to_numpy(np.int64)
-    it = df["item"].map(item_index).to_numpy(np.int64)
+
+def _split_of_users(n_users: int, cfg: ProtocolConfig) -> np.ndarray:
+    """0 (train), 1 (val) or 2 (test) per user index: a seeded permutation cut by the split ratios."""
+    rng = np.random.default_rng(cfg.split_seed)
+    perm = rng.permutation(n_users)
+    n_train = int(round(cfg.split_ratios[0] * n_users))
+    n_val = int(round(cfg.split_ratios[1] * n_users))
+    split_of = np.empty(n_users, dtype=np.int64)
+    split_of[perm[:n_train]] = 0
+    split_of[perm[n_train:n_train + n_val]] = 1
+    split_of[perm[n_train + n_val:]] = 2
+    return split_of
+
+
+def _sequences(raw: RawData, cfg: ProtocolConfig, df: pd.DataFrame, items: _Items, users: _Users
+               ) -> tuple[dict[str, np.ndarray], _NegativeSampler | None]:
+    """Per user, in time order: the first interactions are the LM history (never samples), every later
+    one is a sample with the ``max_hist_len`` interactions before it as its behaviour sequence (and,
+    for implicit feedback, its sampled negatives). Returns the arrays of the LM histories and splits."""
+    user_ids, n_items = users.ids, items.n
+    u = df["user"].map(users.index).to_numpy(np.int64)
+    it = df["item"].map(items.index).to_numpy(np.int64)
     rc = _rating_code(df, raw.rating_scale)
     lab = df["label"].to_numpy(np.float32)
     ts = df["timestamp"].to_numpy(np.int64)
     starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
     ends = np.r_[starts[1:], len(u)]
-
     T = cfg.max_hist_len
-    rng = np.random.default_rng(cfg.split_seed)
-    perm = rng.permutation(len(user_ids))
-    n_train = int(round(cfg.split_ratios[0] * len(user_ids)))
-    n_val = int(round(cfg.split_ratios[1] * len(user_ids)))
-    split_of = np.empty(len(user_ids), dtype=np.int64)
-    split_of[perm[:n_train]] = 0
-    split_of[perm[n_train:n_train + n_val]] = 1
-    split_of[perm[n_train + n_val:]] = 2
+    split_of = _split_of_users(len(user_ids), cfg)
 
     # Users come in the interactions' order (sorted by the id as text) but are indexed by ``user_ids``'
     # order: the LM histories are stored per index, so that offsets and contents agree.
@@ -576,7 +614,7 @@ def build(raw: RawData, cfg: ProtocolConfig) -> CTRData:
     llm_offsets = np.cumsum(llm_offsets)
 
     arrays: dict[str, np.ndarray] = {
-        "user_feats": user_feats, "item_feats": item_feats, "item_tags": item_tags,
+        "user_feats": users.feats, "item_feats": items.feats, "item_tags": items.tags,
         "llm_offsets": llm_offsets,
         "llm_items": np.concatenate(llm_items) if llm_items else np.zeros(0, np.int64),
         "llm_ratings": np.concatenate(llm_ratings) if llm_ratings else np.zeros(0, np.int64),
@@ -595,6 +633,42 @@ def build(raw: RawData, cfg: ProtocolConfig) -> CTRData:
         if len(m) == 0:
             raise DataError(f"the {name} split has no samples: too few users ({len(user_ids)}) for the split "
                             f"ratios {cfg.split_ratios}", file=f"{raw.name} interactions")
+    return arrays, sampler
+
+
+def _texts(raw: RawData, items: _Items, users: _Users, arrays: dict[str, np.ndarray]
+           ) -> tuple[list[dict[str, Any]], list[str], list[str], bool]:
+    """What the LM methods read: item info and texts, and each user's text (profile + LM history)."""
+    has_ratings = bool(raw.interactions["rating"].notna().any())
+    item_info = []
+    extra_cols = list(raw.text_columns)
+    for iid, row in zip(items.ids, items.rows.itertuples()):
+        info = {"id": iid, "title": str(row.title),
+                "year": None if pd.isna(row.year) else int(row.year), "tags": list(row.tags)}
+        info["extra"] = {c: str(getattr(row, c)) for c in extra_cols}
+        item_info.append(info)
+    item_text = [""] + [_item_text(info, info["extra"], raw.domain.tag_label) for info in item_info]
+    item_info = [{"id": "", "title": "", "year": None, "tags": [], "extra": {}}] + item_info
+    offsets = arrays["llm_offsets"]
+    user_texts = []
+    for uid in range(len(users.ids)):
+        a, b = offsets[uid], offsets[uid + 1]
+        hist = [(item_info[i]["title"], int(r)) for i, r in zip(arrays["llm_items"][a:b], arrays["llm_ratings"][a:b])]
+        counts = arrays["llm_counts"][a:b].tolist() if "llm_counts" in arrays else None
+        user_texts.append(user_text(users.profile[uid], hist, has_ratings, domain=raw.domain, counts=counts))
+    return item_info, item_text, user_texts, has_ratings
+
+
+def build(raw: RawData, cfg: ProtocolConfig) -> CTRData:
+    """The protocol on loaded raw data: checks, items, users, per-user sequences (LM history and
+    samples, split by user), then the texts the LM methods read."""
+    check_protocol(cfg)
+    check_protocol_against_data(raw, cfg)
+    notes = list(raw.notes)
+    df = _clean_interactions(raw, cfg, notes)
+    items = _item_tables(raw, cfg, df)
+    users = _user_tables(raw, df, notes)
+    arrays, sampler = _sequences(raw, cfg, df, items, users)
     _check_both_classes(arrays, raw, cfg)
     feedback = feedback_info(raw, cfg)
     if sampler is not None:
@@ -602,30 +676,12 @@ def build(raw: RawData, cfg: ProtocolConfig) -> CTRData:
         neg_info = feedback["negatives"]
         notes.append(f"implicit feedback: sampled {n_neg} negatives ({neg_info['ratio']} per positive, "
                      f"{neg_info['strategy']}, seed {neg_info['seed']})")
-
-    # Texts for the LM methods.
-    has_ratings = bool(raw.interactions["rating"].notna().any())
-    item_info = []
-    extra_cols = list(raw.text_columns)
-    for iid, row in zip(item_ids, items.itertuples()):
-        info = {"id": iid, "title": str(row.title),
-                "year": None if pd.isna(row.year) else int(row.year), "tags": list(row.tags)}
-        info["extra"] = {c: str(getattr(row, c)) for c in extra_cols}
-        item_info.append(info)
-    item_text = [""] + [_item_text(info, info["extra"], raw.domain.tag_label) for info in item_info]
-    item_info = [{"id": "", "title": "", "year": None, "tags": [], "extra": {}}] + item_info
-    user_texts = []
-    for uid in range(len(user_ids)):
-        a, b = llm_offsets[uid], llm_offsets[uid + 1]
-        hist = [(item_info[i]["title"], int(r)) for i, r in zip(arrays["llm_items"][a:b], arrays["llm_ratings"][a:b])]
-        counts = arrays["llm_counts"][a:b].tolist() if "llm_counts" in arrays else None
-        user_texts.append(user_text(user_profile[uid], hist, has_ratings, domain=raw.domain, counts=counts))
-
-    spec = FeatureSpec(n_items=n_items, n_tags=len(tag_vocab) + 1, max_tags=cfg.max_tags, max_hist_len=T,
-                       user_fields=user_fields, item_fields=item_fields)
-    meta = {"name": raw.name, "spec": asdict(spec), "config": asdict(cfg), "user_ids": user_ids,
-            "item_ids": item_ids, "user_text": user_texts, "item_text": item_text, "user_groups": user_groups,
-            "user_profile": user_profile, "item_info": item_info, "tag_vocab": tag_vocab, "notes": notes,
+    item_info, item_text, user_texts, has_ratings = _texts(raw, items, users, arrays)
+    spec = FeatureSpec(n_items=items.n, n_tags=len(items.tag_vocab) + 1, max_tags=cfg.max_tags,
+                       max_hist_len=cfg.max_hist_len, user_fields=users.fields, item_fields=items.fields)
+    meta = {"name": raw.name, "spec": asdict(spec), "config": asdict(cfg), "user_ids": users.ids,
+            "item_ids": items.ids, "user_text": user_texts, "item_text": item_text, "user_groups": users.groups,
+            "user_profile": users.profile, "item_info": item_info, "tag_vocab": items.tag_vocab, "notes": notes,
             "has_ratings": has_ratings, "domain": raw.domain.to_dict(), "feedback": feedback}
     return CTRData(raw.name, spec, cfg, arrays, meta)
 
