@@ -659,17 +659,10 @@ def _read_spec(d: Path) -> tuple[Path, dict[str, Any]]:
     return spec_path, spec
 
 
-def load_generic(directory: str | os.PathLike) -> RawData:
-    """Load a user's own data: see docs/data-format.md for the layout and spec file.
-
-    The spec is checked whole (unknown keys at every level, wrong kinds of value, keys that cannot act
-    together) before any table is read.
-    """
-    d = Path(directory)
-    spec_path, spec = _read_spec(d)
+def _generic_interactions(d: Path, spec: dict[str, Any], notes: list[str]
+                          ) -> tuple[pd.DataFrame, Path, tuple[float, float] | None]:
+    """The interactions table of a generic dataset: (user, item, rating, timestamp, row[, label][, count])."""
     implicit = spec.get("feedback") == "implicit"
-
-    notes: list[str] = []
     si = spec["interactions"]
     p_int = d / si.get("file", "interactions.csv")
     df = _read_table(p_int, si.get("sep"), si.get("encoding"))
@@ -715,7 +708,11 @@ def load_generic(directory: str | os.PathLike) -> RawData:
         inter["label"] = label
     if count is not None:
         inter["count"] = count
+    return inter, p_int, scale  # type: ignore[return-value]
 
+
+def _generic_items(d: Path, spec: dict[str, Any]) -> tuple[pd.DataFrame, Path, list[str], list[str]]:
+    """The items table (title, year, tags, text and categorical columns), indexed by item id."""
     sm = spec["items"]
     p_items = d / sm.get("file", "items.csv")
     it = _read_table(p_items, sm.get("sep"), sm.get("encoding"))
@@ -742,30 +739,48 @@ def load_generic(directory: str | os.PathLike) -> RawData:
     cat_cols = list(sm.get("categorical", []))
     for c in text_cols + cat_cols:
         items[c] = _col(it, c, p_items, "item text/categorical").astype(str).to_numpy()
+    return items, p_items, text_cols, cat_cols
 
-    users = None
-    user_cat: list[str] = []
-    groups: list[str] = []
-    files = [spec_path, p_int, p_items]
-    if "users" in spec:
-        su = spec["users"]
-        p_users = d / su.get("file", "users.csv")
-        files.append(p_users)
-        us = _read_table(p_users, su.get("sep"), su.get("encoding"))
-        uids = _col(us, su.get("user", "user"), p_users, "user").astype(str).str.strip()
-        user_cat = list(su.get("profile", []))
-        users = pd.DataFrame(index=pd.Index(uids.to_numpy(), name="user"))
-        for c in user_cat:
-            users[c] = _col(us, c, p_users, "profile").astype(str).to_numpy()
-        groups = list(su.get("groups", user_cat[:2]))   # each a profile column (checked with the spec)
-        dup = users.index.duplicated()
-        if dup.any():
-            n = int(dup.sum())
-            notes.append(f"{p_users.name}: dropped {n} rows with a repeated user id (kept the first)")
-            users = users[~dup]
 
+def _generic_users(d: Path, spec: dict[str, Any], notes: list[str]
+                   ) -> tuple[pd.DataFrame | None, Path | None, list[str], list[str]]:
+    """The optional users table: (profile columns by user id, its path, profile columns, group columns)."""
+    if "users" not in spec:
+        return None, None, [], []
+    su = spec["users"]
+    p_users = d / su.get("file", "users.csv")
+    us = _read_table(p_users, su.get("sep"), su.get("encoding"))
+    uids = _col(us, su.get("user", "user"), p_users, "user").astype(str).str.strip()
+    user_cat = list(su.get("profile", []))
+    users = pd.DataFrame(index=pd.Index(uids.to_numpy(), name="user"))
+    for c in user_cat:
+        users[c] = _col(us, c, p_users, "profile").astype(str).to_numpy()
+    groups = list(su.get("groups", user_cat[:2]))   # each a profile column (checked with the spec)
+    dup = users.index.duplicated()
+    if dup.any():
+        n = int(dup.sum())
+        notes.append(f"{p_users.name}: dropped {n} rows with a repeated user id (kept the first)")
+        users = users[~dup]
+    return users, p_users, user_cat, groups
+
+
+def load_generic(directory: str | os.PathLike) -> RawData:
+    """Load a user's own data: see docs/data-format.md for the layout and spec file.
+
+    The spec is checked whole (unknown keys at every level, wrong kinds of value, keys that cannot act
+    together) before any table is read; then the interactions, items and (optional) users tables.
+    """
+    d = Path(directory)
+    spec_path, spec = _read_spec(d)
+    implicit = spec.get("feedback") == "implicit"
+    notes: list[str] = []
+    inter, p_int, scale = _generic_interactions(d, spec, notes)
+    items, p_items, text_cols, cat_cols = _generic_items(d, spec)
+    users, p_users, user_cat, groups = _generic_users(d, spec, notes)
+    files = [spec_path, p_int, p_items] + ([p_users] if p_users is not None else [])
     name = spec.get("name", d.name)
     threshold = spec.get("positive_threshold")
+    si = spec["interactions"]
     return RawData(name, inter, items, users, user_categorical=user_cat,
                    item_categorical=["decade"] + cat_cols, text_columns=text_cols, group_columns=groups,
                    fingerprint=_sha_files(files, salt=GENERIC_FORMAT), notes=notes, domain=_domain(spec, name),
