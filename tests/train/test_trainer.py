@@ -107,3 +107,16 @@ def test_end_to_end_cli_auc_well_above_chance(ml100k, tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     assert m["test"]["auc"] > 0.70 and m["val"]["auc"] > 0.70
     assert "test" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_state_written_on_other_data(ml100k, tmp_path):
+    from cocorec.config import RunError
+
+    _trainer(ml100k, out=tmp_path, epochs=1).fit()
+    state = tmp_path / "last" / "state.json"
+    meta = json.loads(state.read_text())
+    assert meta["data_key"] == ml100k.key
+    meta["data_key"] = "0123456789abcdef"          # e.g. the spec's negatives ratio was edited since
+    state.write_text(json.dumps(meta))
+    with pytest.raises(RunError, match="written on other data"):
+        _trainer(ml100k, out=tmp_path, epochs=2).fit()

@@ -357,7 +357,7 @@ class Trainer:
             "run_key": self.run_key, "epoch": self.epoch, "step": self.step, "best_auc": _finite(self.best_auc),
             "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "history": self.history,
             "train_seconds": self.train_seconds, "samples_seen": self.samples_seen, "optimizer": opt_meta,
-            "config": asdict(self.cfg)})
+            "config": asdict(self.cfg), "data_key": self.data.key})
 
     def _maybe_resume(self) -> None:
         if not self.output_dir:
@@ -374,6 +374,9 @@ class Trainer:
             if not self.quiet:
                 print(f"note: {d} belongs to a different configuration; starting fresh")
             return
+        if meta.get("data_key") not in (None, self.data.key):   # older states carry no data key
+            raise RunError(f"{d} was written on other data (data key {meta['data_key']}, now {self.data.key}: "
+                           f"the dataset's files or spec changed); {hint}, or pass --overwrite")
         tensors = load_safetensors(d / "state.safetensors", hint=hint)
         self._load_tensors(tensors)
         self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
