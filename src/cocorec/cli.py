@@ -168,6 +168,7 @@ def commands() -> dict[str, Command]:
     from cocorec.bench.cli import add_bench_args, add_report_args, cmd_bench, cmd_report
     from cocorec.knowledge.cli import add_arguments as add_knowledge_args
     from cocorec.knowledge.cli import handler as cmd_knowledge
+    from cocorec.serve.app import add_export_args, add_serve_args, cmd_export, cmd_serve
 
     return {
         "data": ("prepare data / show what the protocol produced", _add_data_command_args, cmd_data),
@@ -178,6 +179,10 @@ def commands() -> dict[str, Command]:
         "knowledge": ("generate and inspect the LM knowledge of kar / r4ec", add_knowledge_args, cmd_knowledge),
         "bench": ("run a grid of runs (resumable), then write the report", add_bench_args, cmd_bench),
         "report": ("write the Markdown report and plots of a results file", add_report_args, cmd_report),
+        "export": ("write a serving bundle of a trained run (weights, id maps, knowledge tables; no LM)",
+                   add_export_args, cmd_export),
+        "serve": ("serve a bundle over HTTP (FastAPI + uvicorn): /score, /recommend, /healthz, /metrics",
+                  add_serve_args, cmd_serve),
     }
 
 

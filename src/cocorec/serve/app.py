@@ -1,0 +1,267 @@
+"""The scoring service: a bundle (:mod:`cocorec.serve.bundle`) behind FastAPI, run by uvicorn.
+
+    cocorec export --run runs/din-coco-0 --to bundles/din-coco-0
+    cocorec serve --bundle bundles/din-coco-0 [--host 127.0.0.1 --port 8000] [--api-key K]
+
+Endpoints (JSON in and out; an error is ``{"detail": "<one line>"}`` with a 4xx):
+
+* ``POST /score`` ``{"user": "196", "items": ["242", "302"]}`` -> ``{"scores": [p, ...], "unknown_items":
+  [...], "user_known": true}``: one probability per item, in the order of ``items``; an item the bundle
+  does not know gets ``null`` and is listed in ``unknown_items``. A user the bundle does not know (or no
+  ``user``) is scored with the fallback (zero user knowledge, see the bundle module) from the optional
+  ``"profile": {"gender": "F", ...}`` and ``"history": ["242", {"item": "302", "rating": 4}, ...]``
+  (oldest first; a bare id counts as rating 5, a positive); ``user_known`` says which case it was;
+* ``POST /recommend``: the same body plus ``"k"`` (default 10) -> ``{"items": [...], "scores": [...],
+  "unknown_items": [...], "user_known": ...}``: the top k of the known candidates, best first;
+* ``GET /healthz``: the bundle's method, backbone and sizes (no API key needed);
+* ``GET /metrics``: Prometheus text: requests and errors by endpoint and status, a latency histogram,
+  knowledge lookups (``hit``: the user's stored knowledge; ``fallback``: an unknown user), unknown items.
+
+Checks: the API key (``X-API-Key`` header, when the service has one: 401 without it), the body size
+(413), JSON (400), the types and the limits (422: at most ``max_candidates`` items, ``max_history``
+history entries, ``k`` >= 1). Each request is scored in a worker thread with one torch thread.
+
+This module imports nothing heavy until an app is made: the command line builds its parser from here.
+"""
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+__all__ = ["create_app", "add_serve_args", "cmd_serve", "add_export_args", "cmd_export"]
+
+MAX_CANDIDATES = 1000
+MAX_HISTORY = 200
+MAX_BODY_BYTES = 256 * 1024
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _models(max_candidates: int, max_history: int) -> tuple[type, type]:
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class HistoryEntry(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        item: str
+        rating: int = Field(5, ge=1, le=5)
+
+    class ScoreBody(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        user: str | None = None
+        items: list[str] = Field(min_length=1, max_length=max_candidates)
+        history: list[str | HistoryEntry] | None = Field(None, max_length=max_history)
+        profile: dict[str, str] | None = Field(None, max_length=64)
+
+    class RecommendBody(ScoreBody):
+        k: int = Field(10, ge=1)
+
+    return ScoreBody, RecommendBody
+
+
+def _reason(e: Any) -> str:
+    """One line from a pydantic ValidationError: where and what of the first error (+ how many more)."""
+    errs = e.errors(include_url=False)
+    first = max(errs, key=lambda err: len(err.get("loc", ())))   # a union's deepest branch says the most
+    union_tags = ("str", "HistoryEntry")
+    where = ".".join(str(x) for x in first.get("loc", ()) if x not in union_tags) or "body"
+    msg = first.get("msg", "invalid")
+    if first.get("type") == "too_long" and where in ("items", "history"):
+        msg = f"at most {first.get('ctx', {}).get('max_length')} entries"
+    more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+    return " ".join(f"{where}: {msg}{more}".split())[:300]
+
+
+def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int = MAX_CANDIDATES,
+               max_history: int = MAX_HISTORY, max_body_bytes: int = MAX_BODY_BYTES,
+               torch_threads: int | None = None) -> Any:
+    """A FastAPI app over ``bundle`` (a :class:`~cocorec.serve.bundle.BundleScorer` or its directory)."""
+    import hmac
+
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from pydantic import ValidationError
+    from starlette.concurrency import run_in_threadpool
+
+    from cocorec.serve.bundle import FALLBACK, BundleScorer
+
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(int(torch_threads))
+    scorer = bundle if isinstance(bundle, BundleScorer) else BundleScorer(bundle)
+    ScoreBody, RecommendBody = _models(max_candidates, max_history)
+
+    reg = CollectorRegistry()
+    requests = Counter("cocorec_requests", "HTTP requests by endpoint and status code", ["endpoint", "code"],
+                       registry=reg)
+    errors = Counter("cocorec_errors", "HTTP requests answered with a 4xx or 5xx", ["endpoint", "code"], registry=reg)
+    latency = Histogram("cocorec_request_latency_seconds", "request latency (server side)", ["endpoint"],
+                        buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, .5, 1.0, 2.5), registry=reg)
+    lookups = Counter("cocorec_knowledge_lookups", "user knowledge: hit (stored) or fallback (unknown user)",
+                      ["result"], registry=reg)
+    unknown_items = Counter("cocorec_unknown_items", "candidate items the bundle does not know", registry=reg)
+    unknown_users = Gauge("cocorec_unknown_users", "distinct unknown user ids seen (the refresh queue)", registry=reg)
+    queue: dict[str, None] = {}   # unknown user ids, oldest first (bounded): what a knowledge refresh would compute
+    routes = {"/score", "/recommend", "/healthz", "/metrics"}
+
+    class Metrics:
+        """ASGI middleware: counts and times every HTTP request (unknown paths are ``other``)."""
+
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            t0, status = time.perf_counter(), [500]
+
+            async def send_status(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    status[0] = message["status"]
+                await send(message)
+
+            try:
+                await self.app(scope, receive, send_status)
+            finally:
+                path = scope.get("path", "")
+                ep = path if path in routes else "other"
+                code = str(status[0])
+                requests.labels(ep, code).inc()
+                if status[0] >= 400:
+                    errors.labels(ep, code).inc()
+                latency.labels(ep).observe(time.perf_counter() - t0)
+
+    app = FastAPI(title="cocorec", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Metrics)
+    app.state.scorer, app.state.unknown_user_queue = scorer, queue
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:   # pragma: no cover - a bug
+        return JSONResponse({"detail": f"internal error: {' '.join(str(exc).split())[:200]}"}, status_code=500)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("x-api-key")
+        if given is None:
+            raise HTTPException(401, "missing X-API-Key header")
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise HTTPException(401, "wrong API key")
+
+    async def read(request: Request, model: type) -> Any:
+        check_key(request)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            raise HTTPException(413, f"body of {declared} bytes; at most {max_body_bytes}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise HTTPException(413, f"body over {max_body_bytes} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as e:
+            if any(err.get("type") == "json_invalid" for err in e.errors()):
+                raise HTTPException(400, "the body is not valid JSON") from None
+            raise HTTPException(422, _reason(e)) from None
+
+    def score(req: Any) -> Any:
+        hist = [(h, 5) if isinstance(h, str) else (h.item, h.rating) for h in (req.history or [])]
+        out = scorer.score(req.user, req.items, history=hist, profile=req.profile)
+        lookups.labels("hit" if out.user_known else "fallback").inc()
+        if out.unknown_items:
+            unknown_items.inc(len(out.unknown_items))
+        if not out.user_known and req.user is not None and req.user not in queue:
+            queue[req.user] = None
+            while len(queue) > 100_000:
+                queue.pop(next(iter(queue)))
+            unknown_users.set(len(queue))
+        return out
+
+    @app.post("/score")
+    async def post_score(request: Request) -> dict[str, Any]:
+        req = await read(request, ScoreBody)
+        out = await run_in_threadpool(score, req)
+        return {"scores": out.scores, "unknown_items": out.unknown_items, "user_known": out.user_known}
+
+    @app.post("/recommend")
+    async def post_recommend(request: Request) -> dict[str, Any]:
+        req = await read(request, RecommendBody)
+        out = await run_in_threadpool(score, req)
+        ranked = sorted((j for j, s in enumerate(out.scores) if s is not None), key=lambda j: -out.scores[j])
+        top = ranked[:req.k]
+        return {"items": [req.items[j] for j in top], "scores": [out.scores[j] for j in top],
+                "unknown_items": out.unknown_items, "user_known": out.user_known}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        c = scorer.config
+        return {"status": "ok", "method": c["method"], "backbone": c["backbone"], "users": len(scorer.user_ids),
+                "items": len(scorer.item_ids), "knowledge": c["knowledge"], "fallback": FALLBACK,
+                "max_candidates": max_candidates}
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        check_key(request)
+        return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, help="bundle directory written by 'cocorec export'")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require this X-API-Key header on /score, /recommend, /metrics (default: $COCOREC_API_KEY)")
+    p.add_argument("--max-candidates", type=int, default=MAX_CANDIDATES, help="most items a request may score")
+    p.add_argument("--max-history", type=int, default=MAX_HISTORY, help="most history entries of an unknown user")
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per request (default 1)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cocorec.config import ConfigError
+
+    for name in ("port", "max_candidates", "max_history", "max_body_bytes", "threads"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    import uvicorn
+
+    from cocorec.serve.bundle import BundleScorer
+
+    key = args.api_key or os.environ.get("COCOREC_API_KEY") or None
+    scorer = BundleScorer(args.bundle)
+    app = create_app(scorer, api_key=key, max_candidates=args.max_candidates, max_history=args.max_history,
+                     max_body_bytes=args.max_body_bytes, torch_threads=args.threads)
+    if args.host not in LOOPBACK and key is None:
+        print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
+    print(f"serving {args.bundle} ({scorer.config['backbone']} + {scorer.method}, {len(scorer.user_ids)} users, "
+          f"{len(scorer.item_ids)} items) on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory written by 'cocorec train --output'")
+    p.add_argument("--to", required=True, help="the bundle directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument("--data-dir", default=None, help="directory holding the dataset (default: the run's own)")
+    p.add_argument("--dataset", default=None, help="the run's dataset, if it moved (default: from the checkpoint)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cocorec.serve.bundle import export_bundle
+
+    m = export_bundle(args.run, args.to, overwrite=args.overwrite, dataset=args.dataset, data_dir=args.data_dir)
+    size = sum(m["bytes"].values())
+    fields = ", ".join(f"{k['name']} by {k['key']}" for k in m["knowledge"]) or "none"
+    print(f"wrote {args.to}: {m['backbone']} + {m['method']}, {m['n_users']} users, {m['n_items']} items, "
+          f"knowledge: {fields}; {size / 1e6:.2f} MB in {m['seconds']} s")
+    return 0

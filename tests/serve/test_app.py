@@ -1,0 +1,163 @@
+"""``cocorec serve``: every endpoint with good and bad requests (types, limits, body size, API key,
+unknown user and items), metrics, and concurrent answers equal to sequential ones."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from cocorec.serve.app import create_app
+from cocorec.serve.bundle import BundleScorer, export_bundle
+from cocorec.train.run import RunConfig, run
+from cocorec.train.trainer import TrainConfig
+from tests.conftest import write_generic
+from tests.serve.test_score_every_method import TINY_COCO
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*user texts exceed")
+KEY = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def bundle(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> BundleScorer:
+    base = tmp_path_factory.mktemp("app")
+    toy = write_generic(base / "toy", n_users=30, n_items=20, per_user=12, seed=7)
+    run(RunConfig(dataset=str(toy), backbone="din", method="coco", seed=0, output=str(base / "run"), results=None,
+                  quiet=True, train=TrainConfig(epochs=1, batch_size=64, threads=1), method_args=TINY_COCO,
+                  model={"hidden_units": (16,)}))
+    export_bundle(base / "run", base / "bundle")
+    return BundleScorer(base / "bundle")
+
+
+@pytest.fixture(scope="module")
+def client(bundle) -> TestClient:
+    return TestClient(create_app(bundle, max_candidates=50, max_history=5, max_body_bytes=4096))
+
+
+@pytest.fixture(scope="module")
+def keyed(bundle) -> TestClient:
+    return TestClient(create_app(bundle, api_key=KEY))
+
+
+def test_score_known_user_in_the_order_of_the_items(client, bundle):
+    user, items = bundle.user_ids[3], bundle.item_ids[:6]
+    r = client.post("/score", json={"user": user, "items": items[::-1]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["unknown_items"] == [] and body["user_known"] is True
+    np.testing.assert_allclose(body["scores"], bundle.score(user, items[::-1]).scores, rtol=0, atol=1e-7)
+
+
+def test_unknown_items_are_reported_never_a_500(client, bundle):
+    items = [bundle.item_ids[0], "nope", bundle.item_ids[1], "nope-2"]
+    r = client.post("/score", json={"user": bundle.user_ids[0], "items": items})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["unknown_items"] == ["nope", "nope-2"]
+    assert body["scores"][1] is None and body["scores"][3] is None and 0 < body["scores"][0] < 1
+    r = client.post("/score", json={"user": bundle.user_ids[0], "items": ["x", "y"]})
+    assert r.status_code == 200 and r.json() == {"scores": [None, None], "unknown_items": ["x", "y"],
+                                                 "user_known": True}
+
+
+def test_unknown_user_gets_the_fallback_from_profile_and_history(client, bundle):
+    items = bundle.item_ids[:3]
+    body = {"user": "never-seen", "items": items, "profile": {"gender": "F", "age": "30"},
+            "history": [bundle.item_ids[5], {"item": bundle.item_ids[6], "rating": 2}, "not-an-item"]}
+    r = client.post("/score", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["user_known"] is False
+    want = bundle.score("never-seen", items, history=[(bundle.item_ids[5], 5), (bundle.item_ids[6], 2)],
+                        profile={"gender": "F", "age": "30"})
+    np.testing.assert_allclose(out["scores"], want.scores, rtol=0, atol=1e-7)
+    r = client.post("/score", json={"items": items})   # no user at all
+    assert r.status_code == 200 and r.json()["user_known"] is False
+
+
+def test_recommend_is_the_top_k_of_the_known_candidates(client, bundle):
+    user, items = bundle.user_ids[2], bundle.item_ids[:10] + ["ghost"]
+    r = client.post("/recommend", json={"user": user, "items": items, "k": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    scores = bundle.score(user, items).scores
+    order = sorted(range(10), key=lambda j: -scores[j])[:3]
+    assert body["items"] == [items[j] for j in order] and body["unknown_items"] == ["ghost"]
+    assert body["scores"] == sorted(body["scores"], reverse=True)
+    assert client.post("/recommend", json={"user": user, "items": items}).json()["items"] == \
+        [items[j] for j in sorted(range(10), key=lambda j: -scores[j])]
+
+
+@pytest.mark.parametrize("body,code,reason", [
+    ({"user": 196, "items": ["a"]}, 422, "user: Input should be a valid string"),
+    ({"user": "1", "items": "a"}, 422, "items: Input should be a valid array"),
+    ({"user": "1", "items": [1, 2]}, 422, "items.0: Input should be a valid string"),
+    ({"user": "1", "items": []}, 422, "items: List should have at least 1 item"),
+    ({"user": "1", "items": [str(i) for i in range(51)]}, 422, "items: at most 50 entries"),
+    ({"user": "1", "items": ["a"], "history": ["a"] * 6}, 422, "history: at most 5 entries"),
+    ({"user": "1", "items": ["a"], "history": [{"item": "a", "rating": 9}]}, 422, "less than or equal to 5"),
+    ({"user": "1", "items": ["a"], "extra": 1}, 422, "extra: Extra inputs are not permitted"),
+    ({"user": "1"}, 422, "items: Field required"),
+])
+def test_bad_requests_are_a_4xx_with_one_line(client, body, code, reason):
+    for path in ("/score", "/recommend"):
+        r = client.post(path, json=body)
+        assert r.status_code == code, r.text
+        detail = r.json()["detail"]
+        assert reason in detail and "\n" not in detail
+
+
+def test_bad_json_oversized_body_and_bad_k(client, bundle):
+    r = client.post("/score", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["detail"] == "the body is not valid JSON"
+    r = client.post("/score", json={"user": "1", "items": ["x" * 100] * 45})
+    assert r.status_code == 413 and "at most 4096" in r.json()["detail"]
+    r = client.post("/recommend", json={"user": "1", "items": ["a"], "k": 0})
+    assert r.status_code == 422 and r.json()["detail"].startswith("k:")
+    assert client.get("/score").status_code == 405
+    assert client.get("/nowhere").status_code == 404
+
+
+def test_api_key(keyed, bundle):
+    body = {"user": bundle.user_ids[0], "items": bundle.item_ids[:2]}
+    r = keyed.post("/score", json=body)
+    assert r.status_code == 401 and r.json()["detail"] == "missing X-API-Key header"
+    r = keyed.post("/score", json=body, headers={"X-API-Key": "wrong"})
+    assert r.status_code == 401 and r.json()["detail"] == "wrong API key"
+    assert keyed.post("/score", json=body, headers={"X-API-Key": KEY}).status_code == 200
+    assert keyed.post("/recommend", json=body).status_code == 401
+    assert keyed.get("/metrics").status_code == 401
+    assert keyed.get("/metrics", headers={"X-API-Key": KEY}).status_code == 200
+    assert keyed.get("/healthz").status_code == 200   # liveness needs no key
+
+
+def test_healthz_and_metrics(bundle):
+    c = TestClient(create_app(bundle))
+    h = c.get("/healthz").json()
+    assert h["status"] == "ok" and h["method"] == "coco" and h["users"] == len(bundle.user_ids)
+    assert h["knowledge"] == [{"key": "user", "name": "user", "dim": 8}]
+    c.post("/score", json={"user": bundle.user_ids[0], "items": [bundle.item_ids[0], "zz"]})
+    c.post("/score", json={"user": "newbie", "items": [bundle.item_ids[0]]})
+    c.post("/score", json={"user": 1, "items": []})
+    text = c.get("/metrics").text
+    assert 'cocorec_requests_total{code="200",endpoint="/score"} 2.0' in text
+    assert 'cocorec_errors_total{code="422",endpoint="/score"} 1.0' in text
+    assert 'cocorec_request_latency_seconds_count{endpoint="/score"} 3.0' in text
+    assert 'cocorec_knowledge_lookups_total{result="hit"} 1.0' in text
+    assert 'cocorec_knowledge_lookups_total{result="fallback"} 1.0' in text
+    assert "cocorec_unknown_items_total 1.0" in text and "cocorec_unknown_users 1.0" in text
+
+
+def test_concurrent_answers_equal_sequential(client, bundle):
+    rng = np.random.default_rng(0)
+    bodies = [{"user": bundle.user_ids[int(rng.integers(len(bundle.user_ids)))] if j % 5 else f"new-{j}",
+               "items": [bundle.item_ids[int(i)] for i in rng.choice(len(bundle.item_ids), 8, replace=False)]}
+              for j in range(40)]
+    sequential = [client.post("/score", json=b).json() for b in bodies]
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(lambda b: client.post("/score", json=b).json(), bodies))
+    assert json.dumps(concurrent) == json.dumps(sequential)
