@@ -378,34 +378,61 @@ def execute(cfg: RunConfig, data: CTRData | None = None) -> RunResult:
     state = inspect_output(cfg)
     out = Path(cfg.output) if cfg.output else None
     if state.kind == "finished":
-        assert out is not None and state.metrics is not None
-        if data is None:
-            data = prepare(cfg.dataset, cfg.protocol, data_dir=cfg.data_dir, download=cfg.download)
-        old_key = state.metrics["config"].get("data_key")
-        if old_key != data.key:
-            raise RunError(f"output directory {out} holds a finished run of this configuration on other data (data "
-                           f"key {old_key}, now {data.key}: the dataset's files changed); use another --output, or "
-                           f"pass --overwrite to replace it")
-        appended = False
-        if cfg.results and not has_result_line(cfg.results, cfg.key(), cfg.output):
-            append_result(cfg.results, results_record(state.metrics, cfg.output))
-            appended = True
-        return RunResult(state.metrics, "done", appended)
+        return _finished(cfg, state, data)
     method = build_method(cfg.method, seed=cfg.seed, **cfg.method_args)   # bad settings fail before the data
     if data is None:
         data = prepare(cfg.dataset, cfg.protocol, data_dir=cfg.data_dir, download=cfg.download)
     check_splits(data)
     seed_everything(cfg.seed)
-    train_cfg = cfg.train
     method.bind(data.spec)
     # Methods with knowledge know their field sizes only after they are built (and bound to the data).
     model = build_model(cfg.backbone, data.spec, knowledge_dims=method.knowledge_dims, **cfg.model)
     if out is not None and state.kind == "replace":
         _clear_run(out)
-    trainer = Trainer(model, method, data, train_cfg, output_dir=out, quiet=cfg.quiet, run_key=cfg.key(),
+    trainer = Trainer(model, method, data, cfg.train, output_dir=out, quiet=cfg.quiet, run_key=cfg.key(),
                       seed=cfg.seed)
     val = trainer.fit()
     check_finite_metrics(val, "val", split_labels=data.split("val").label)
+    metrics = _evaluate(cfg, trainer, data, val)
+    summary = trainer.summary()
+    summary["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+    summary["peak_memory_mb"] = round(peak_memory_mb(), 1)
+    summary["machine"] = machine_info(trainer.device)
+    summary["git_sha"] = git_sha()
+    summary["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    metrics["train"] = summary
+    metrics["config"] = {"dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method,
+                         "variant": cfg.method_label(), "seed": cfg.seed,
+                         "run_key": cfg.key(), "data_key": data.key, "protocol": asdict(cfg.protocol),
+                         "train": asdict(cfg.train), "model": cfg.model, "method_args": cfg.method_args,
+                         "method_config": method.config_dict()}
+    _write(cfg, out, metrics, data, method.knowledge_dims)
+    return RunResult(metrics, "trained", bool(cfg.results))
+
+
+def _finished(cfg: RunConfig, state: OutputState, data: CTRData | None) -> RunResult:
+    """The output directory holds this run, finished: report it (on the same data only); restore its
+    results line if that was lost; rerun and rewrite nothing."""
+    out = Path(cfg.output or "")
+    assert state.metrics is not None
+    if data is None:
+        data = prepare(cfg.dataset, cfg.protocol, data_dir=cfg.data_dir, download=cfg.download)
+    old_key = state.metrics["config"].get("data_key")
+    if old_key != data.key:
+        raise RunError(f"output directory {out} holds a finished run of this configuration on other data (data "
+                       f"key {old_key}, now {data.key}: the dataset's files changed); use another --output, or "
+                       f"pass --overwrite to replace it")
+    appended = False
+    if cfg.results and not has_result_line(cfg.results, cfg.key(), cfg.output):
+        append_result(cfg.results, results_record(state.metrics, cfg.output))
+        appended = True
+    return RunResult(state.metrics, "done", appended)
+
+
+def _evaluate(cfg: RunConfig, trainer: Trainer, data: CTRData, val: dict[str, Any]) -> dict[str, Any]:
+    """Test metrics (overall and per group) of the fitted run; for a method with knowledge, the same
+    model with the knowledge zeroed and permuted across test users, and the knowledge diagnostics."""
+    method, model = trainer.method, trainer.model
     test_pred = trainer.predict("test", keep_knowledge=True)
     test = evaluate_predictions(test_pred["label"], test_pred["prob"], test_pred["user"])
     check_finite_metrics(test, "test", split_labels=test_pred["label"])
@@ -429,39 +456,33 @@ def execute(cfg: RunConfig, data: CTRData | None = None) -> RunResult:
     # A group's AUC with one class in it, a variance share of a constant: undefined, written as null.
     metrics["groups"] = nonfinite_to_none(metrics["groups"])
     metrics["diagnostics"] = nonfinite_to_none(diagnostics)
-    summary = trainer.summary()
-    summary["wall_seconds"] = round(time.perf_counter() - t_start, 2)
-    summary["peak_memory_mb"] = round(peak_memory_mb(), 1)
-    summary["machine"] = machine_info(trainer.device)
-    summary["git_sha"] = git_sha()
-    summary["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    metrics["train"] = summary
-    metrics["config"] = {"dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method,
-                         "variant": cfg.method_label(), "seed": cfg.seed,
-                         "run_key": cfg.key(), "data_key": data.key, "protocol": asdict(cfg.protocol),
-                         "train": asdict(train_cfg), "model": cfg.model, "method_args": cfg.method_args,
-                         "method_config": method.config_dict()}
+    return metrics
+
+
+def _write(cfg: RunConfig, out: Path | None, metrics: dict[str, Any], data: CTRData,
+           knowledge_dims: list[int]) -> None:
+    """Checkpoint config, then metrics.json (the mark of a finished run), then the results line: a run
+    killed in between is resumed (no metrics.json) or has its missing line restored (see execute). A NaN
+    anywhere is an error naming it, before anything is written."""
     record = results_record(metrics, str(out) if out else None)
-    try:   # a NaN anywhere: an error naming it, before anything is written
+    try:
         strict_json_dumps(record, "the run's results")
     except ValueError as e:
         raise RunError(str(e)) from None
     if out:
-        # checkpoint config, then metrics.json (the mark of a finished run), then the results line: a run
-        # killed in between is resumed (no metrics.json) or has its missing line restored (see execute)
+        c = metrics["config"]
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "checkpoint" / "config.json", {
             "format": "cocorec-checkpoint-v1", "backbone": cfg.backbone, "method": cfg.method,
             "spec": asdict(data.spec), "model": cfg.model, "method_args": cfg.method_args,
-            "method_config": method.config_dict(), "dataset": cfg.dataset, "data_key": data.key,
+            "method_config": c["method_config"], "dataset": cfg.dataset, "data_key": data.key,
             "dataset_path": _dataset_path(cfg.dataset),
             "data_dir": os.path.abspath(cfg.data_dir) if cfg.data_dir else None,
-            "protocol": asdict(cfg.protocol), "knowledge_dims": method.knowledge_dims, "git_sha": summary["git_sha"],
-            "val": val, "test": test})
+            "protocol": asdict(cfg.protocol), "knowledge_dims": knowledge_dims,
+            "git_sha": metrics["train"]["git_sha"], "val": metrics["val"], "test": metrics["test"]})
         atomic_write_json(out / "metrics.json", metrics)
     if cfg.results:
         append_result(cfg.results, record)
-    return RunResult(metrics, "trained", bool(cfg.results))
 
 
 def _dataset_path(dataset: str) -> str | None:
