@@ -127,3 +127,19 @@ def test_generic_format(tmp_path, cache_dir, fmt):
     assert st["train"]["users"] + st["val"]["users"] + st["test"]["users"] == 30
     assert "blurb" in data.item_text[1] and "Drama" in " ".join(data.item_text)
     assert set(data.user_groups) == {"gender", "age", "gender x age"}
+
+
+def test_a_truncated_processed_cache_is_named_and_rebuilt(tmp_path, monkeypatch, capsys):
+    from tests.conftest import write_generic
+
+    from cocorec.data.protocol import prepare
+
+    monkeypatch.setenv("COCOREC_CACHE", str(tmp_path / "cache"))
+    d = write_generic(tmp_path / "toy", n_users=30, n_items=20, per_user=12, seed=1)
+    first = prepare(str(d))
+    arrays = next((tmp_path / "cache" / "processed").glob("*/arrays.npz"))
+    arrays.write_bytes(arrays.read_bytes()[: arrays.stat().st_size // 2])   # e.g. the disk filled up
+    again = prepare(str(d))
+    assert "is damaged" in capsys.readouterr().err and again.key == first.key
+    assert all((again.arrays[k] == first.arrays[k]).all() for k in first.arrays)
+    assert prepare(str(d)).key == first.key                                 # rebuilt cache loads cleanly

@@ -1,4 +1,4 @@
-"""The CTR protocol (DESIGN section 1): labels, LM history, samples, split by user, cache.
+"""The CTR protocol (docs/data-format.md): labels, LM history, samples, split by user, cache.
 
 Per user, interactions are sorted by time. The first ``n_llm = min(30, len // 2)`` form the
 LM history (text for the LM; never CTR samples). Every later interaction is a sample whose
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -720,9 +722,15 @@ def prepare(dataset: str, config: ProtocolConfig | None = None, data_dir: str | 
     check_protocol_against_data(raw, cfg)   # ... and settings the data contradicts, before any processing
     key = key_of(PROTOCOL_VERSION, raw.name, raw.fingerprint, asdict(cfg))
     directory = cache_root() / "processed" / f"{raw.name.replace('/', '_')}-{key}"
+    data = None
     if cache and (directory / "meta.json").is_file():
-        data = _load(directory)
-    else:
+        try:
+            data = _load(directory)
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            # a truncated or damaged cache (e.g. a disk that filled up): named, then rebuilt from the source
+            print(f"note: processed-data cache {directory} is damaged ({type(e).__name__}: "
+                  f"{' '.join(str(e).split())[:120]}); rebuilding it", file=sys.stderr)
+    if data is None:
         data = build(raw, cfg)
         data.meta["key"] = key
         data.key = key
