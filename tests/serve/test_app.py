@@ -3,7 +3,6 @@ unknown user and items), metrics, and concurrent answers equal to sequential one
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,13 +33,15 @@ def bundle(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> BundleS
 
 
 @pytest.fixture(scope="module")
-def client(bundle) -> TestClient:
-    return TestClient(create_app(bundle, max_candidates=50, max_history=5, max_body_bytes=4096))
+def client(bundle):
+    with TestClient(create_app(bundle, max_candidates=50, max_history=5, max_body_bytes=4096)) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
-def keyed(bundle) -> TestClient:
-    return TestClient(create_app(bundle, api_key=KEY))
+def keyed(bundle):
+    with TestClient(create_app(bundle, api_key=KEY)) as c:
+        yield c
 
 
 def test_score_known_user_in_the_order_of_the_items(client, bundle):
@@ -136,7 +137,7 @@ def test_api_key(keyed, bundle):
 
 
 def test_healthz_and_metrics(bundle):
-    c = TestClient(create_app(bundle))
+    c = TestClient(create_app(bundle, batching=False))
     h = c.get("/healthz").json()
     assert h["status"] == "ok" and h["method"] == "coco" and h["users"] == len(bundle.user_ids)
     assert h["knowledge"] == [{"key": "user", "name": "user", "dim": 8}]
@@ -152,12 +153,41 @@ def test_healthz_and_metrics(bundle):
     assert "cocorec_unknown_items_total 1.0" in text and "cocorec_unknown_users 1.0" in text
 
 
-def test_concurrent_answers_equal_sequential(client, bundle):
+def _bodies(bundle: BundleScorer, n: int) -> list[dict]:
     rng = np.random.default_rng(0)
-    bodies = [{"user": bundle.user_ids[int(rng.integers(len(bundle.user_ids)))] if j % 5 else f"new-{j}",
-               "items": [bundle.item_ids[int(i)] for i in rng.choice(len(bundle.item_ids), 8, replace=False)]}
-              for j in range(40)]
+    return [{"user": bundle.user_ids[int(rng.integers(len(bundle.user_ids)))] if j % 5 else f"new-{j}",
+             "items": [bundle.item_ids[int(i)] for i in rng.choice(len(bundle.item_ids), 8, replace=False)]
+             + (["ghost"] if j % 7 == 0 else [])} for j in range(n)]
+
+
+def test_concurrent_answers_equal_sequential(client, bundle):
+    bodies = _bodies(bundle, 40)
     sequential = [client.post("/score", json=b).json() for b in bodies]
     with ThreadPoolExecutor(8) as pool:
         concurrent = list(pool.map(lambda b: client.post("/score", json=b).json(), bodies))
-    assert json.dumps(concurrent) == json.dumps(sequential)
+    for a, b in zip(concurrent, sequential):
+        assert a["unknown_items"] == b["unknown_items"] and a["user_known"] == b["user_known"]
+        np.testing.assert_allclose(np.array(a["scores"], float), np.array(b["scores"], float), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_requests_in_one_event_loop_share_model_passes(bundle, batching):
+    import asyncio
+
+    import httpx
+
+    app = create_app(bundle, batching=batching)
+    bodies = _bodies(bundle, 40)
+    alone = [bundle.score(b["user"], b["items"]).scores for b in bodies]
+
+    async def go() -> list[dict]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            rs = await asyncio.gather(*(c.post("/score", json=b) for b in bodies))
+        return [r.json() for r in rs]
+
+    answers = asyncio.run(go())
+    for got, want in zip(answers, alone):
+        np.testing.assert_allclose(np.array(got["scores"], float), np.array(want, float), rtol=0, atol=1e-6)
+    if batching:
+        assert 1 <= app.state.batcher.passes < len(bodies)

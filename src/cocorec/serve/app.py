@@ -19,7 +19,9 @@ Endpoints (JSON in and out; an error is ``{"detail": "<one line>"}`` with a 4xx)
 
 Checks: the API key (``X-API-Key`` header, when the service has one: 401 without it), the body size
 (413), JSON (400), the types and the limits (422: at most ``max_candidates`` items, ``max_history``
-history entries, ``k`` >= 1). Each request is scored in a worker thread with one torch thread.
+history entries, ``k`` >= 1). Concurrent requests are batched: while a pass through the model runs, the
+requests that arrive wait and then go through the next pass together (one worker thread, ``--threads``
+torch threads); ``--no-batching`` scores each request on its own in the thread pool.
 
 This module imports nothing heavy until an app is made: the command line builds its parser from here.
 """
@@ -72,9 +74,55 @@ def _reason(e: Any) -> str:
     return " ".join(f"{where}: {msg}{more}".split())[:300]
 
 
+class Batcher:
+    """Concurrent requests through the model together: a request waits while a pass is running, then every
+    waiting request (up to ``max_rows`` candidates) goes in the next pass, in one worker thread."""
+
+    def __init__(self, scorer: Any, run_in_thread: Any, max_rows: int = 8192) -> None:
+        self.scorer, self.run_in_thread, self.max_rows = scorer, run_in_thread, max_rows
+        self.pending: list[tuple[Any, Any]] = []
+        self.running = False
+        self.passes = 0
+
+    async def submit(self, request: Any) -> Any:
+        import asyncio
+
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((request, fut))
+        if not self.running:
+            self.running = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                take, rows = 0, 0
+                while take < len(self.pending):
+                    n = len(self.pending[take][0].items)
+                    if take and rows + n > self.max_rows:
+                        break
+                    rows += n
+                    take += 1
+                group, self.pending = self.pending[:take], self.pending[take:]
+                try:
+                    outs = await self.run_in_thread(self.scorer.score_requests, [r for r, _ in group])
+                    self.passes += 1
+                except Exception as e:  # noqa: BLE001 - handed to every request of the pass
+                    for _, fut in group:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
+                for (_, fut), out in zip(group, outs):
+                    if not fut.done():
+                        fut.set_result(out)
+        finally:
+            self.running = False
+
+
 def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int = MAX_CANDIDATES,
                max_history: int = MAX_HISTORY, max_body_bytes: int = MAX_BODY_BYTES,
-               torch_threads: int | None = None) -> Any:
+               torch_threads: int | None = None, batching: bool = True, max_batch_rows: int = 8192) -> Any:
     """A FastAPI app over ``bundle`` (a :class:`~cocorec.serve.bundle.BundleScorer` or its directory)."""
     import hmac
 
@@ -170,9 +218,18 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
                 raise HTTPException(400, "the body is not valid JSON") from None
             raise HTTPException(422, _reason(e)) from None
 
-    def score(req: Any) -> Any:
+    batcher = Batcher(scorer, run_in_threadpool, max_batch_rows) if batching else None
+    app.state.batcher = batcher
+    if batcher is not None:
+        Gauge("cocorec_model_passes", "passes through the model (concurrent requests share one)",
+              registry=reg).set_function(lambda: batcher.passes)
+
+    async def score(req: Any) -> Any:
         hist = [(h, 5) if isinstance(h, str) else (h.item, h.rating) for h in (req.history or [])]
-        out = scorer.score(req.user, req.items, history=hist, profile=req.profile)
+        if batcher is None:
+            out = await run_in_threadpool(scorer.score, req.user, req.items, hist, req.profile)
+        else:
+            out = await batcher.submit(scorer.request(req.user, req.items, hist, req.profile))
         lookups.labels("hit" if out.user_known else "fallback").inc()
         if out.unknown_items:
             unknown_items.inc(len(out.unknown_items))
@@ -186,13 +243,13 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
     @app.post("/score")
     async def post_score(request: Request) -> dict[str, Any]:
         req = await read(request, ScoreBody)
-        out = await run_in_threadpool(score, req)
+        out = await score(req)
         return {"scores": out.scores, "unknown_items": out.unknown_items, "user_known": out.user_known}
 
     @app.post("/recommend")
     async def post_recommend(request: Request) -> dict[str, Any]:
         req = await read(request, RecommendBody)
-        out = await run_in_threadpool(score, req)
+        out = await score(req)
         ranked = sorted((j for j, s in enumerate(out.scores) if s is not None), key=lambda j: -out.scores[j])
         top = ranked[:req.k]
         return {"items": [req.items[j] for j in top], "scores": [out.scores[j] for j in top],
@@ -223,7 +280,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-candidates", type=int, default=MAX_CANDIDATES, help="most items a request may score")
     p.add_argument("--max-history", type=int, default=MAX_HISTORY, help="most history entries of an unknown user")
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per request (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the model pass (default 1)")
+    p.add_argument("--no-batching", action="store_true",
+                   help="score each request on its own (default: concurrent requests share a model pass)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -239,7 +298,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     key = args.api_key or os.environ.get("COCOREC_API_KEY") or None
     scorer = BundleScorer(args.bundle)
     app = create_app(scorer, api_key=key, max_candidates=args.max_candidates, max_history=args.max_history,
-                     max_body_bytes=args.max_body_bytes, torch_threads=args.threads)
+                     max_body_bytes=args.max_body_bytes, torch_threads=args.threads, batching=not args.no_batching)
     if args.host not in LOOPBACK and key is None:
         print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
     print(f"serving {args.bundle} ({scorer.config['backbone']} + {scorer.method}, {len(scorer.user_ids)} users, "

@@ -233,6 +233,17 @@ class Scored:
     user_known: bool
 
 
+@dataclass
+class Request:
+    """One user's candidates made ready to score (:meth:`BundleScorer.request`)."""
+
+    row: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
+    items: torch.Tensor
+    known: list[int]
+    unknown_items: list[str]
+    n: int
+
+
 class BundleScorer:
     """A bundle loaded for scoring: the backbone and the tables, no method and no LM."""
 
@@ -329,15 +340,33 @@ class BundleScorer:
                 "item_tags": self.item_tags[items], "hist_items": hist, "hist_feats": self.item_feats[hist],
                 "hist_tags": self.item_tags[hist], "hist_ratings": hist_r.repeat(n, 1), "hist_mask": hist > 0}
 
-    def score(self, user: str | None, items: Sequence[str], history: Sequence[tuple[str, int]] | None = None,
-              profile: Mapping[str, str] | None = None) -> Scored:
-        """Scores of ``items`` for ``user`` (an unknown or absent user: the fallback, see the module)."""
+    def request(self, user: str | None, items: Sequence[str], history: Sequence[tuple[str, int]] | None = None,
+                profile: Mapping[str, str] | None = None) -> Request:
+        """A request made ready to score: the user's row and the indices of the known items."""
         row = self.user_row(user, history, profile)
         index = [self.item_index.get(i, 0) for i in items]
         known = [j for j, i in enumerate(index) if i > 0]
-        scores: list[float | None] = [None] * len(items)
-        if known:
-            p = self.score_batch(self.user_batch(row, torch.tensor([index[j] for j in known], dtype=torch.long)))
-            for j, s in zip(known, p.tolist()):
-                scores[j] = s
-        return Scored(scores, [items[j] for j, i in enumerate(index) if i == 0], row[0] >= 0)
+        return Request(row, torch.tensor([index[j] for j in known], dtype=torch.long), known,
+                       [items[j] for j, i in enumerate(index) if i == 0], len(items))
+
+    def score_requests(self, reqs: Sequence[Request]) -> list[Scored]:
+        """Score several requests in one pass through the model (the service batches concurrent ones)."""
+        parts = [self.user_batch(r.row, r.items) for r in reqs if len(r.items)]
+        probs = np.zeros(0, np.float32)
+        if parts:
+            probs = self.score_batch(parts[0] if len(parts) == 1 else
+                                     {k: torch.cat([b[k] for b in parts]) for k in parts[0]})
+        out, at = [], 0
+        for r in reqs:
+            scores: list[float | None] = [None] * r.n
+            p = probs[at:at + len(r.items)].tolist() if len(r.items) else []
+            at += len(r.items)
+            for j, v in zip(r.known, p):
+                scores[j] = v
+            out.append(Scored(scores, r.unknown_items, r.row[0] >= 0))
+        return out
+
+    def score(self, user: str | None, items: Sequence[str], history: Sequence[tuple[str, int]] | None = None,
+              profile: Mapping[str, str] | None = None) -> Scored:
+        """Scores of ``items`` for ``user`` (an unknown or absent user: the fallback, see the module)."""
+        return self.score_requests([self.request(user, items, history, profile)])[0]
