@@ -184,10 +184,17 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fal
         want = _call(method, batch)
         got = [t[batch[key]] for key, t in tables]
         diff = max(float((a - b).abs().max()) for a, b in zip(want, got))
-        if diff > 1e-5:
+        scale = max(1.0, max(float(a.abs().max()) for a in want))
+        # An LM method's knowledge moves with the company a user has in an LM batch (bf16 KV, padding):
+        # ~1e-4 for CoCo on SmolLM2. A field that depends on what the table does not key is far off.
+        if diff > 1e-3 * scale:
             raise DataError(f"the exported knowledge of method {method.name!r} differs from the method's own "
                             f"({diff:.3g} on {split}): it depends on more than the user or the item")
-        check = {"split": split, "rows": len(batch["user"]), "max_abs_diff": diff}
+        with torch.no_grad():
+            p_want = torch.sigmoid(model(batch, want).float())
+            p_got = torch.sigmoid(model(batch, got).float())
+        check = {"split": split, "rows": len(batch["user"]), "max_abs_diff": diff,
+                 "max_abs_score_diff": float((p_want - p_got).abs().max())}
     hist_i, hist_r = latest_histories(data)
     arrays = {"user_feats": data.user_feats, "user_hist_items": torch.from_numpy(hist_i),
               "user_hist_ratings": torch.from_numpy(hist_r), "item_feats": data.item_feats,
