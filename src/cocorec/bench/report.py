@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from cocorec.bench.results import (BACKBONE_ORDER, GROUP_METHODS, METHOD_ORDER, RUN_GROUPINGS, _cell_id, _ordered,
-                                   aggregate, latest_runs, load_results, machine_label, method_of, split_of)
+                                   ablation_reference, aggregate, latest_runs, load_results, machine_label,
+                                   method_of, split_of)
 
 DASH = "—"
 
@@ -276,16 +277,19 @@ def _controls_section(backbones: list[str], methods: list[str], cells: Mapping[s
 
 
 def _ablation_section(backbones: list[str], methods: list[str], cells: Mapping[str, Any]) -> list[str]:
-    """Each CoCo ablation (``coco-*``) against ``coco`` on the same backbone, seed-paired."""
+    """Each CoCo ablation (``coco-*``) against ``coco`` with the same settings on the same backbone,
+    paired by (split, seed)."""
     ablations = [m for m in methods if m.startswith("coco-")]
     rows = [[b] + [_paired(cells.get(b, {}).get(m, {}).get("vs_coco")) for m in ablations]
-            for b in backbones if "coco" in cells.get(b, {})]
+            for b in backbones if any(cells.get(b, {}).get(m, {}).get("vs_coco") for m in ablations)]
     if not ablations or not rows:
         return []
-    return (["### CoCo ablations: Δ test AUC against coco", "",
-             "Mean seed-paired test-AUC difference of each ablation to `coco` on the same backbone, with a "
-             "two-sided paired t-test: a positive value means the part the ablation removes did not help.", ""]
-            + _table(["backbone"] + ablations, rows, "l" + "r" * len(ablations)) + [""])
+    header = [f"{m} vs {ablation_reference(m)}" for m in ablations]
+    return (["### CoCo ablations: Δ test AUC against the full CoCo", "",
+             "Mean test-AUC difference of each ablation to `coco` with the same settings (source, corruption) "
+             "on the same backbone, paired by (split, seed), with a two-sided paired t-test: a positive value "
+             "means the part the ablation removes did not help.", ""]
+            + _table(["backbone"] + header, rows, "l" + "r" * len(ablations)) + [""])
 
 
 def _diagnostics_section(backbones: list[str], methods: list[str], cells: Mapping[str, Any]) -> list[str]:

@@ -206,16 +206,32 @@ def aggregate(records: Iterable[Mapping[str, Any]], hurt_margin: float = 0.001) 
     return out
 
 
+def ablation_reference(method: str) -> str | None:
+    """The full CoCo an ablation is compared with: the same settings under ``coco``.
+
+    Example:
+        >>> [ablation_reference(m) for m in ("coco-novq[source=oracle]", "coco-nojudge", "kar")]
+        ['coco[source=oracle]', 'coco', None]
+    """
+    name, _, settings = method.partition("[")
+    if not name.startswith("coco-"):
+        return None
+    return "coco" + (f"[{settings}" if settings else "")
+
+
 def _compare(m: str, c: dict[str, Any], row: Mapping[str, dict[str, Any]], hurt_margin: float) -> None:
     """Fill a cell's comparisons with the other cells of its backbone (``row``)."""
-    base, kar, coco = row.get("base"), row.get("kar"), row.get("coco")
+    base, kar = row.get("base"), row.get("kar")
     bm = base["auc"]["mean"] if base else None
     c["rela_impr"] = (rela_impr(c["auc"]["mean"], bm)
                       if bm is not None and c["auc"]["mean"] is not None and bm != 0.5 else None)
     c["vs_kar"] = paired_ttest(c["auc_by_pair"], kar["auc_by_pair"]) if kar and m != "kar" else None
     c["vs_base"] = paired_ttest(c["auc_by_pair"], base["auc_by_pair"]) if base and m != "base" else None
-    # an ablation (coco-novq, coco-nojudge, ...) is judged against the full method, not the baselines
-    c["vs_coco"] = paired_ttest(c["auc_by_pair"], coco["auc_by_pair"]) if coco and m.startswith("coco-") else None
+    # an ablation (coco-novq, coco-nojudge, ...) is judged against the full method with the same settings
+    # (coco-novq[source=oracle] against coco[source=oracle]), not against the baselines
+    c["coco_ref"] = ablation_reference(m)
+    coco = row.get(c["coco_ref"]) if c["coco_ref"] else None
+    c["vs_coco"] = paired_ttest(c["auc_by_pair"], coco["auc_by_pair"]) if coco else None
     c["group_delta"], c["hurts"] = {}, []
     if base and m != "base":
         for g, st in c["groups"].items():
