@@ -1,0 +1,194 @@
+"""Load test of ``cocorec serve``: bundles side by side, 100-candidate requests at 1 / 8 / 32 clients.
+
+Starts one real uvicorn process per bundle on 127.0.0.1 (``cocorec serve``; stopped at the end, also
+on error), waits for ``/healthz``, then for each concurrency level runs rounds that alternate between
+the bundles (A, B, A, B, ...: a change in the box's load hits both alike) with an asyncio httpx
+client: ``clients`` workers, each sending its next request when the last one is answered. Bounded
+in count (``--requests`` per bundle and level) and in time (``--max-seconds`` per round). Every
+request is a known user (drawn at random) with ``--candidates`` random items of the bundle.
+
+Prints one table: per bundle and level, requests, errors, throughput, p50 / p99 / max latency
+(client side: the whole HTTP round trip), the ratio of p99 of each bundle to the first one's, and
+from the server's /metrics its mean latency (request in to answer out) and requests per model pass.
+The client runs on the same machine as the servers: on a 2-core box it takes a share of the CPU.
+
+    python benchmarks/bench_serve.py --bundle base=bundles/din-base --bundle coco=bundles/din-coco
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(bundle: str, port: int, threads: int, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "cocorec.cli", "serve", "--bundle", bundle, "--host", "127.0.0.1",
+           "--port", str(port), "--threads", str(threads)]
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> dict:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            r = httpx.get(f"{url}/healthz", timeout=2.0)
+            if r.status_code == 200:
+                return r.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
+
+
+def server_side(url: str) -> tuple[float, float, float]:
+    """(sum of /score latencies in s, their count, model passes) from the server's /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=5.0).text
+    got = {"sum": 0.0, "count": 0.0, "passes": 0.0}
+    for line in text.splitlines():
+        if line.startswith('cocorec_request_latency_seconds_sum{endpoint="/score"}'):
+            got["sum"] = float(line.split()[-1])
+        elif line.startswith('cocorec_request_latency_seconds_count{endpoint="/score"}'):
+            got["count"] = float(line.split()[-1])
+        elif line.startswith("cocorec_model_passes "):
+            got["passes"] = float(line.split()[-1])
+    return got["sum"], got["count"], got["passes"]
+
+
+def bodies(bundle: str, n: int, candidates: int, seed: int) -> list[bytes]:
+    ids = json.loads((Path(bundle) / "ids.json").read_text())
+    rng = random.Random(seed)
+    k = min(candidates, len(ids["items"]))
+    return [json.dumps({"user": rng.choice(ids["users"]), "items": rng.sample(ids["items"], k)}).encode()
+            for _ in range(n)]
+
+
+async def load(url: str, reqs: list[bytes], clients: int, max_seconds: float) -> tuple[list[float], int, float]:
+    """Latencies (s) of the answered requests, errors, wall seconds."""
+    lat: list[float] = []
+    errors = 0
+    it = iter(reqs)
+    deadline = time.perf_counter() + max_seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0,
+                                 headers={"content-type": "application/json"}) as client:
+        async def worker() -> None:
+            nonlocal errors
+            for body in it:
+                if time.perf_counter() > deadline:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/score", content=body)
+                    ok = r.status_code == 200 and len(r.json()["scores"]) > 0
+                except httpx.HTTPError:
+                    ok = False
+                lat.append(time.perf_counter() - t0)
+                errors += not ok
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return lat, errors, wall
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", action="append", required=True, help="NAME=DIR (repeat; the first is the reference)")
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--requests", type=int, default=600, help="measured requests per bundle and level")
+    ap.add_argument("--rounds", type=int, default=3, help="alternations of the bundles per level")
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--candidates", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each server")
+    ap.add_argument("--max-seconds", type=float, default=60.0, help="time cap of one round")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    args = ap.parse_args()
+    named = [b.split("=", 1) for b in args.bundle]
+    levels = [int(c) for c in args.clients.split(",")]
+    logdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-serve-{os.getpid()}"
+    logdir.mkdir(parents=True, exist_ok=True)
+    procs, urls = {}, {}
+    try:
+        for name, path in named:
+            port = free_port()
+            procs[name] = start_server(path, port, args.threads, logdir / f"{name}.log")
+            urls[name] = f"http://127.0.0.1:{port}"
+        info = {name: wait_ready(urls[name], procs[name]) for name, _ in named}
+        rows = []
+        for c in levels:
+            per = max(1, args.requests // args.rounds)
+            res = {name: ([], 0, 0.0) for name, _ in named}
+            for name, path in named:   # warm-up
+                asyncio.run(load(urls[name], bodies(path, args.warmup, args.candidates, 1), c, args.max_seconds))
+            before = {name: server_side(urls[name]) for name, _ in named}
+            for r in range(args.rounds):
+                order = named if r % 2 == 0 else named[::-1]
+                for name, path in order:
+                    lat, err, wall = asyncio.run(load(urls[name], bodies(path, per, args.candidates, 100 * c + r),
+                                                      c, args.max_seconds))
+                    a, e, w = res[name]
+                    res[name] = (a + lat, e + err, w + wall)
+            ref_p99 = None
+            for name, _ in named:
+                lat, err, wall = res[name]
+                after = server_side(urls[name])
+                n_server = max(after[1] - before[name][1], 1.0)
+                server_ms = (after[0] - before[name][0]) / n_server * 1e3
+                per_pass = n_server / max(after[2] - before[name][2], 1.0)
+                ms = np.array(lat) * 1e3
+                p50, p99 = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+                ref_p99 = ref_p99 or p99
+                rows.append({"bundle": name, "method": info[name]["method"], "clients": c, "requests": len(lat),
+                             "errors": err, "req_per_s": len(lat) / wall, "p50_ms": p50, "p99_ms": p99,
+                             "max_ms": float(ms.max()), "p99_vs_first": p99 / ref_p99,
+                             "server_mean_ms": server_ms, "requests_per_pass": per_pass})
+                print(f"{name:>8} clients={c:>3} n={len(lat):>5} errors={err} {len(lat) / wall:8.1f} req/s "
+                      f"p50={p50:6.2f} ms p99={p99:6.2f} ms max={ms.max():7.2f} ms p99/first={p99 / ref_p99:.2f} "
+                      f"server mean={server_ms:.2f} ms requests/pass={per_pass:.1f}",
+                      flush=True)
+    finally:
+        for p in procs.values():
+            p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    print(f"\n{platform.node()} ({os.cpu_count()} CPUs), load average {os.getloadavg()[0]:.1f} at the end, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {args.candidates} candidates a request, "
+          f"{args.threads} torch thread(s) per server\n")
+    print("| bundle | clients | requests | errors | req/s | p50 ms | p99 ms | max ms | p99 / first | server mean ms "
+          "| requests / pass |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['bundle']} ({r['method']}) | {r['clients']} | {r['requests']} | {r['errors']} | "
+              f"{r['req_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | "
+              f"{r['p99_vs_first']:.2f} | {r['server_mean_ms']:.1f} | {r['requests_per_pass']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
