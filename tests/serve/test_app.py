@@ -191,3 +191,89 @@ def test_requests_in_one_event_loop_share_model_passes(bundle, batching):
         np.testing.assert_allclose(np.array(got["scores"], float), np.array(want, float), rtol=0, atol=1e-6)
     if batching:
         assert 1 <= app.state.batcher.passes < len(bodies)
+
+
+def test_a_bundle_that_cannot_be_read_leaves_the_old_one_serving(bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle.path, copy)
+    with TestClient(create_app(BundleScorer(copy))) as c:
+        body = {"user": bundle.user_ids[0], "items": bundle.item_ids[:3]}
+        before = c.post("/score", json=body).json()
+        (copy / "tables.safetensors").write_bytes(b"broken")
+        r = c.post("/reload")
+        assert r.status_code == 409 and r.json()["detail"].startswith("reload refused, the old bundle stays")
+        assert c.post("/score", json=body).json() == before
+        assert 'cocorec_bundle_reloads_total{result="failed"} 1.0' in c.get("/metrics").text
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_reload_under_load_on_a_real_server_loses_no_request(bundle, tmp_path):
+    """A real uvicorn process on 127.0.0.1: the bundle is exported again (--overwrite: a rename) and
+    reloaded while a client keeps scoring; every request is answered, with the same scores."""
+    import shutil
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import httpx
+
+    from cocorec.cli import main
+
+    live = tmp_path / "bundle"
+    shutil.copytree(bundle.path, live)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "cocorec.cli", "serve", "--bundle", str(live), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-500:]
+            try:
+                first = httpx.get(f"{url}/healthz", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline, "the server did not start"
+                time.sleep(0.2)
+        bodies = _bodies(bundle, 10)
+        want = [bundle.score(b["user"], b["items"]).scores for b in bodies]
+        answers: list[tuple[int, int, object]] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            with httpx.Client(base_url=url, timeout=10) as c:
+                j = 0
+                while not stop.is_set() or j < 20:
+                    r = c.post("/score", json=bodies[j % len(bodies)])
+                    answers.append((j % len(bodies), r.status_code, r.json()))
+                    j += 1
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        assert main(["export", "--run", str(bundle.path.parent / "run"), "--to", str(live), "--overwrite"]) == 0
+        r = httpx.post(f"{url}/reload", timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["previous"] == first["bundle_id"] != r.json()["bundle_id"]
+        time.sleep(0.3)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert httpx.get(f"{url}/healthz").json()["bundle_id"] == r.json()["bundle_id"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert len(answers) >= 60 and all(code == 200 for _, code, _ in answers)
+    for j, _, body in answers:
+        np.testing.assert_allclose(np.array(body["scores"], float), np.array(want[j], float), rtol=0, atol=1e-6)

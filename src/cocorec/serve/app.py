@@ -15,7 +15,11 @@ Endpoints (JSON in and out; an error is ``{"detail": "<one line>"}`` with a 4xx)
   "unknown_items": [...], "user_known": ...}``: the top k of the known candidates, best first;
 * ``GET /healthz``: the bundle's method, backbone and sizes (no API key needed);
 * ``GET /metrics``: Prometheus text: requests and errors by endpoint and status, a latency histogram,
-  knowledge lookups (``hit``: the user's stored knowledge; ``fallback``: an unknown user), unknown items.
+  knowledge lookups (``hit``: the user's stored knowledge; ``fallback``: an unknown user), unknown items,
+  distinct unknown users seen (kept in memory, the users a knowledge refresh would compute), reloads;
+* ``POST /reload``: read the bundle directory again (after ``cocorec export --overwrite``, which replaces
+  it by a rename) and swap it in whole; a request in flight finishes on the bundle it started with, a
+  bundle that cannot be read leaves the old one serving (409).
 
 Checks: the API key (``X-API-Key`` header, when the service has one: 401 without it), the body size
 (413), JSON (400), the types and the limits (422: at most ``max_candidates`` items, ``max_history``
@@ -78,17 +82,18 @@ class Batcher:
     """Concurrent requests through the model together: a request waits while a pass is running, then every
     waiting request (up to ``max_rows`` candidates) goes in the next pass, in one worker thread."""
 
-    def __init__(self, scorer: Any, run_in_thread: Any, max_rows: int = 8192) -> None:
-        self.scorer, self.run_in_thread, self.max_rows = scorer, run_in_thread, max_rows
-        self.pending: list[tuple[Any, Any]] = []
+    def __init__(self, run_in_thread: Any, max_rows: int = 8192) -> None:
+        self.run_in_thread, self.max_rows = run_in_thread, max_rows
+        self.pending: list[tuple[Any, Any, Any]] = []   # (scorer, request, future)
         self.running = False
         self.passes = 0
 
-    async def submit(self, request: Any) -> Any:
+    async def submit(self, scorer: Any, request: Any) -> Any:
+        """The answer to ``request`` (made by ``scorer.request``: a pass never mixes two bundles)."""
         import asyncio
 
         fut = asyncio.get_running_loop().create_future()
-        self.pending.append((request, fut))
+        self.pending.append((scorer, request, fut))
         if not self.running:
             self.running = True
             asyncio.get_running_loop().create_task(self._drain())
@@ -98,22 +103,23 @@ class Batcher:
         try:
             while self.pending:
                 take, rows = 0, 0
+                scorer = self.pending[0][0]
                 while take < len(self.pending):
-                    n = len(self.pending[take][0].items)
-                    if take and rows + n > self.max_rows:
+                    n = len(self.pending[take][1].items)
+                    if take and (rows + n > self.max_rows or self.pending[take][0] is not scorer):
                         break
                     rows += n
                     take += 1
                 group, self.pending = self.pending[:take], self.pending[take:]
                 try:
-                    outs = await self.run_in_thread(self.scorer.score_requests, [r for r, _ in group])
+                    outs = await self.run_in_thread(scorer.score_requests, [r for _, r, _ in group])
                     self.passes += 1
                 except Exception as e:  # noqa: BLE001 - handed to every request of the pass
-                    for _, fut in group:
+                    for _, _, fut in group:
                         if not fut.done():
                             fut.set_exception(e)
                     continue
-                for (_, fut), out in zip(group, outs):
+                for (_, _, fut), out in zip(group, outs):
                     if not fut.done():
                         fut.set_result(out)
         finally:
@@ -132,13 +138,15 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
     from pydantic import ValidationError
     from starlette.concurrency import run_in_threadpool
 
+    from cocorec.data.errors import DataError
     from cocorec.serve.bundle import FALLBACK, BundleScorer
 
     if torch_threads:
         import torch
 
         torch.set_num_threads(int(torch_threads))
-    scorer = bundle if isinstance(bundle, BundleScorer) else BundleScorer(bundle)
+    first = bundle if isinstance(bundle, BundleScorer) else BundleScorer(bundle)
+    live = {"scorer": first, "loaded_at": time.time()}   # swapped whole by /reload: one reference
     ScoreBody, RecommendBody = _models(max_candidates, max_history)
 
     reg = CollectorRegistry()
@@ -152,7 +160,7 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
     unknown_items = Counter("cocorec_unknown_items", "candidate items the bundle does not know", registry=reg)
     unknown_users = Gauge("cocorec_unknown_users", "distinct unknown user ids seen (the refresh queue)", registry=reg)
     queue: dict[str, None] = {}   # unknown user ids, oldest first (bounded): what a knowledge refresh would compute
-    routes = {"/score", "/recommend", "/healthz", "/metrics"}
+    routes = {"/score", "/recommend", "/healthz", "/metrics", "/reload"}
 
     class Metrics:
         """ASGI middleware: counts and times every HTTP request (unknown paths are ``other``)."""
@@ -184,7 +192,8 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
 
     app = FastAPI(title="cocorec", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Metrics)
-    app.state.scorer, app.state.unknown_user_queue = scorer, queue
+    app.state.live, app.state.unknown_user_queue = live, queue
+    reloads = Counter("cocorec_bundle_reloads", "bundle reloads by result", ["result"], registry=reg)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:   # pragma: no cover - a bug
@@ -218,7 +227,7 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
                 raise HTTPException(400, "the body is not valid JSON") from None
             raise HTTPException(422, _reason(e)) from None
 
-    batcher = Batcher(scorer, run_in_threadpool, max_batch_rows) if batching else None
+    batcher = Batcher(run_in_threadpool, max_batch_rows) if batching else None
     app.state.batcher = batcher
     if batcher is not None:
         Gauge("cocorec_model_passes", "passes through the model (concurrent requests share one)",
@@ -226,10 +235,11 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
 
     async def score(req: Any) -> Any:
         hist = [(h, 5) if isinstance(h, str) else (h.item, h.rating) for h in (req.history or [])]
+        scorer = live["scorer"]   # this request is answered by the bundle live when it arrived
         if batcher is None:
             out = await run_in_threadpool(scorer.score, req.user, req.items, hist, req.profile)
         else:
-            out = await batcher.submit(scorer.request(req.user, req.items, hist, req.profile))
+            out = await batcher.submit(scorer, scorer.request(req.user, req.items, hist, req.profile))
         lookups.labels("hit" if out.user_known else "fallback").inc()
         if out.unknown_items:
             unknown_items.inc(len(out.unknown_items))
@@ -257,10 +267,35 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
+        scorer = live["scorer"]
         c = scorer.config
         return {"status": "ok", "method": c["method"], "backbone": c["backbone"], "users": len(scorer.user_ids),
                 "items": len(scorer.item_ids), "knowledge": c["knowledge"], "fallback": FALLBACK,
+                "bundle_id": scorer.id, "exported_at": c.get("exported_at"), "unknown_users_seen": len(queue),
                 "max_candidates": max_candidates}
+
+    @app.post("/reload")
+    async def reload(request: Request) -> dict[str, Any]:
+        """Load the bundle directory again (e.g. after ``cocorec export --overwrite`` with fresh knowledge)
+        and swap it in whole: a request in flight finishes on the bundle it started with."""
+        check_key(request)
+        import asyncio
+
+        path = live["scorer"].path
+        for attempt in range(3):   # replaced while we read it (mixed files, or gone for an instant): again
+            try:
+                new = await run_in_threadpool(BundleScorer, path)
+                break
+            except DataError as e:
+                if attempt == 2:
+                    reloads.labels("failed").inc()
+                    why = " ".join(str(e).split())[:200]
+                    raise HTTPException(409, f"reload refused, the old bundle stays: {why}") from None
+                await asyncio.sleep(0.2)
+        old_id = live["scorer"].id
+        live.update(scorer=new, loaded_at=time.time())
+        reloads.labels("ok").inc()
+        return {"bundle_id": new.id, "previous": old_id, "users": len(new.user_ids), "items": len(new.item_ids)}
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

@@ -49,7 +49,7 @@ from cocorec.data.protocol import CTRData, FeatureSpec
 from cocorec.models import build_model
 from cocorec.utils.io import atomic_write_json, read_json, save_safetensors_atomic
 
-__all__ = ["FORMAT", "BundleScorer", "Scored", "export_bundle", "knowledge_tables"]
+__all__ = ["FORMAT", "BundleChanged", "BundleScorer", "Scored", "export_bundle", "knowledge_tables"]
 
 FORMAT = "cocorec-bundle-v1"
 FILES = ("bundle.json", "ids.json", "model.safetensors", "tables.safetensors")
@@ -201,8 +201,11 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fal
               "item_tags": data.item_tags}
     for j, (_, t) in enumerate(tables):
         arrays[f"knowledge/{j}"] = t
+    import uuid
+
+    bundle_id = uuid.uuid4().hex
     manifest = {
-        "format": FORMAT, "backbone": cfg["backbone"], "model": cfg.get("model", {}),
+        "format": FORMAT, "id": bundle_id, "backbone": cfg["backbone"], "model": cfg.get("model", {}),
         "spec": dataclasses.asdict(data.spec) if dataclasses.is_dataclass(data.spec) else cfg["spec"],
         "knowledge_dims": list(cfg.get("knowledge_dims", [])),
         "knowledge": [{"key": key, "name": (method.knowledge_names[j] if j < len(method.knowledge_names) else key),
@@ -217,9 +220,11 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fal
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_safetensors_atomic({k: v for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-        save_safetensors_atomic(arrays, tmp / "tables.safetensors")
-        atomic_write_json(tmp / "ids.json", {"users": list(data.user_ids), "items": list(data.item_ids)}, indent=None)
+        meta = {"bundle_id": bundle_id}   # every file names its export: a load never mixes two
+        save_safetensors_atomic({k: v for k, v in model.state_dict().items()}, tmp / "model.safetensors", meta)
+        save_safetensors_atomic(arrays, tmp / "tables.safetensors", meta)
+        atomic_write_json(tmp / "ids.json", {"bundle_id": bundle_id, "users": list(data.user_ids),
+                                             "items": list(data.item_ids)}, indent=None)
         manifest["bytes"] = {f: (tmp / f).stat().st_size for f in FILES if (tmp / f).exists()}
         manifest["seconds"] = round(time.perf_counter() - t0, 2)
         atomic_write_json(tmp / "bundle.json", manifest)
@@ -238,6 +243,10 @@ class Scored:
     scores: list[float | None]
     unknown_items: list[str]
     user_known: bool
+
+
+class BundleChanged(DataError):
+    """The files of a bundle come from two exports (it was replaced while being read)."""
 
 
 @dataclass
@@ -269,6 +278,22 @@ class BundleScorer:
         if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
             raise DataError(f"{p / 'bundle.json'}: not a {FORMAT} file")
         self.config = cfg
+        self.id = cfg.get("id")
+        if self.id is not None:   # the files of one export (a bundle replaced while it loads is refused)
+            from safetensors import safe_open
+
+            seen = {"ids.json": ids.get("bundle_id") if isinstance(ids, dict) else None}
+            for f in ("model.safetensors", "tables.safetensors"):
+                try:
+                    with safe_open(str(p / f), "pt") as h:
+                        seen[f] = (h.metadata() or {}).get("bundle_id")
+                except Exception as e:  # noqa: BLE001 - a damaged file: named, one line
+                    raise DataError(f"{p / f}: not a readable safetensors file ({' '.join(str(e).split())[:200]})"
+                                    ) from None
+            odd = [f for f, v in seen.items() if v != self.id]
+            if odd:
+                raise BundleChanged(f"{p}: {', '.join(odd)} of another export than bundle.json (replaced while "
+                                    f"loading?); load it again")
         try:
             self.spec = FeatureSpec(**cfg["spec"])
             model = build_model(cfg["backbone"], self.spec, knowledge_dims=cfg["knowledge_dims"], **cfg["model"])
@@ -277,7 +302,8 @@ class BundleScorer:
             raise DataError(f"{p}: bundle.json does not match model.safetensors "
                             f"({' '.join(str(e).split())[:200]})") from None
         self.model = model.eval()
-        t = load_safetensors(p / "tables.safetensors")
+        # copies in memory: a file changed in place under a running service must not pull its tables away
+        t = {k: v.clone() for k, v in load_safetensors(p / "tables.safetensors").items()}
         self.user_feats, self.item_feats, self.item_tags = t["user_feats"], t["item_feats"], t["item_tags"]
         self.hist_items, self.hist_ratings = t["user_hist_items"], t["user_hist_ratings"]
         self.knowledge = [(f["key"], t[f"knowledge/{j}"]) for j, f in enumerate(cfg["knowledge"])]
