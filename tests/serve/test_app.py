@@ -141,6 +141,7 @@ def test_healthz_and_metrics(bundle):
     h = c.get("/healthz").json()
     assert h["status"] == "ok" and h["method"] == "coco" and h["users"] == len(bundle.user_ids)
     assert h["knowledge"] == [{"key": "user", "name": "user", "dim": 8}]
+    assert h["profile_fields"] == {"gender": ["F", "M"], "age": ["20", "30", "40", "50"]}
     c.post("/score", json={"user": bundle.user_ids[0], "items": [bundle.item_ids[0], "zz"]})
     c.post("/score", json={"user": "newbie", "items": [bundle.item_ids[0]]})
     c.post("/score", json={"user": 1, "items": []})

@@ -13,7 +13,8 @@ Endpoints (JSON in and out; an error is ``{"detail": "<one line>"}`` with a 4xx)
   (oldest first; a bare id counts as rating 5, a positive); ``user_known`` says which case it was;
 * ``POST /recommend``: the same body plus ``"k"`` (default 10) -> ``{"items": [...], "scores": [...],
   "unknown_items": [...], "user_known": ...}``: the top k of the known candidates, best first;
-* ``GET /healthz``: the bundle's method, backbone and sizes (no API key needed);
+* ``GET /healthz``: the bundle's method, backbone, sizes, and the profile values an unknown user may give
+  per field (no API key needed);
 * ``GET /metrics``: Prometheus text: requests and errors by endpoint and status, a latency histogram,
   knowledge lookups (``hit``: the user's stored knowledge; ``fallback``: an unknown user), unknown items,
   distinct unknown users seen (kept in memory, the users a knowledge refresh would compute), reloads;
@@ -272,6 +273,7 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
         return {"status": "ok", "method": c["method"], "backbone": c["backbone"], "users": len(scorer.user_ids),
                 "items": len(scorer.item_ids), "knowledge": c["knowledge"], "fallback": FALLBACK,
                 "bundle_id": scorer.id, "exported_at": c.get("exported_at"), "unknown_users_seen": len(queue),
+                "profile_fields": {f: sorted(v) for f, v in scorer.vocab.items()},
                 "max_candidates": max_candidates}
 
     @app.post("/reload")
