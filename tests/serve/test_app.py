@@ -278,3 +278,12 @@ def test_reload_under_load_on_a_real_server_loses_no_request(bundle, tmp_path):
     assert len(answers) >= 60 and all(code == 200 for _, code, _ in answers)
     for j, _, body in answers:
         np.testing.assert_allclose(np.array(body["scores"], float), np.array(want[j], float), rtol=0, atol=1e-6)
+
+
+def test_serve_command_checks_its_settings_and_the_bundle(tmp_path, capsys):
+    from cocorec.cli import main
+
+    assert main(["serve", "--bundle", str(tmp_path), "--max-candidates", "0"]) == 2
+    assert "--max-candidates must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--bundle", str(tmp_path)]) == 2
+    assert "not a bundle" in capsys.readouterr().err
