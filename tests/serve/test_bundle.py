@@ -17,7 +17,9 @@ from cocorec.serve.bundle import FILES, BundleScorer, export_bundle
 from cocorec.train.run import RunConfig, run
 from cocorec.train.trainer import TrainConfig
 from tests.conftest import write_generic
-from tests.serve.test_score_every_method import ARGS
+from tests.serve.test_score_every_method import ARGS as EVERY, TINY_LM
+
+ARGS = {**EVERY, "kar-item": TINY_LM}
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*user texts exceed")
 
@@ -51,7 +53,8 @@ def test_bundle_scores_equal_the_runs_own_evaluation(toy, tmp_path, method):
     user, items = scorer.data.user_ids[0], scorer.data.item_ids[:5]
     np.testing.assert_allclose(b.score(user, items).scores, scorer.score_user(user, items), rtol=0, atol=1e-6)
     keys = {f["key"] for f in manifest["knowledge"]}
-    assert keys == ({"user", "item"} if method in ("kar", "r4ec") else {"user"} if method != "base" else set())
+    want_keys = {"kar": {"user", "item"}, "r4ec": {"user", "item"}, "kar-item": {"item"}, "base": set()}
+    assert keys == want_keys.get(method, {"user"})
 
 
 @pytest.fixture(scope="module")
