@@ -80,7 +80,8 @@ def test_run_writes_metrics_and_appends_results(ml100k, tmp_path):
     rec = json.loads(lines[-1])
     assert rec["backbone"] == "din" and rec["method"] == "base" and rec["seed"] == 1 and rec["git_sha"]
     assert rec["metrics"]["test"]["auc"] == m["test"]["auc"]
-    assert rec["machine"]["device"] == "cpu" and rec["machine"]["cpu_count"] >= 1   # where it ran
+    expected = "cuda" if torch.cuda.is_available() else "cpu"       # where it ran (train.device=auto)
+    assert rec["machine"]["device"] == expected and rec["machine"]["cpu_count"] >= 1
     assert json.loads((tmp_path / "o" / "checkpoint" / "config.json").read_text())["backbone"] == "din"
 
 
