@@ -92,7 +92,7 @@ def test_batch_shapes(ml100k):
     assert b["hist_mask"].dtype.name == "bool" if hasattr(b["hist_mask"].dtype, "name") else True
 
 
-def test_cache_is_keyed_by_settings(cache_dir):
+def test_cache_is_keyed_by_settings(ml100k, cache_dir):   # ml100k: skipped where the data is absent
     a = prepare("ml-100k")
     b = prepare("ml-100k", ProtocolConfig(max_hist_len=5))
     assert a.key != b.key and b.split("train").hist_items.shape[1] == 5
@@ -101,7 +101,7 @@ def test_cache_is_keyed_by_settings(cache_dir):
     np.testing.assert_array_equal(again.split("test").label, a.split("test").label)
 
 
-def test_split_seed_changes_split(cache_dir):
+def test_split_seed_changes_split(ml100k, cache_dir):
     a = prepare("ml-100k", ProtocolConfig(split_seed=1))
     b = prepare("ml-100k", ProtocolConfig(split_seed=2))
     assert set(a.split("test").user.tolist()) != set(b.split("test").user.tolist())
