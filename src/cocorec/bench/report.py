@@ -23,13 +23,11 @@ failures recorded by ``cocorec bench`` (``failures.jsonl`` next to the results) 
 key appears more than once the latest line wins; so does the latest line of a (dataset, backbone,
 method, split, seed) run under different configs.
 
-Example:
-    >>> recs = [{"dataset": "d", "backbone": "din", "method": m, "seed": s, "run_key": f"{m}{s}",
-    ...          "split_seed": 42, "metrics": {"test": {"auc": a, "logloss": 0.5, "gauc": a}}}
-    ...         for m, s, a in [("base", 0, 0.70), ("base", 1, 0.72), ("kar", 0, 0.73), ("kar", 1, 0.75)]]
-    >>> cell = aggregate(recs)["d"]["cells"]["din"]["kar"]
-    >>> round(cell["auc"]["mean"], 4), round(cell["rela_impr"], 2)
-    (0.74, 14.29)
+Example (the aggregate behind it: :mod:`cocorec.bench.results`):
+    >>> recs = [{"dataset": "d", "backbone": "din", "method": "base", "seed": 0, "run_key": "b0", "split_seed": 42,
+    ...          "metrics": {"test": {"auc": 0.7, "logloss": 0.5, "gauc": 0.7}}}]
+    >>> render_report(recs).splitlines()[0]
+    '# cocorec benchmark report'
 """
 
 from __future__ import annotations
