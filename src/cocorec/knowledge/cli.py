@@ -56,18 +56,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             q.add_argument("--limit-items", type=int, default=None, help="only the first N items")
             q.add_argument("--no-encode", action="store_true", help="generate text only (no vectors)")
             q.add_argument("--quiet", action="store_true", help="no progress bar")
+            q.add_argument("--engine", default="local", choices=["local", "ray"],
+                           help="local: this process; ray: a Ray Data actor pool, one LM per actor (cocorec[scale])")
+            q.add_argument("--address", default=None, help="--engine ray: a Ray cluster address (default: a local Ray)")
+            q.add_argument("--actors", type=int, default=None,
+                           help="--engine ray: LM actors (default: one per GPU, else one per --threads CPUs)")
         else:
             q.add_argument("--user", required=True, help="the dataset's own user id (e.g. 196)")
             q.add_argument("--item", default=None, help="also show an item's prompt and facts (dataset item id)")
+    from cocorec.serve.refresh import add_refresh_args
+
+    add_refresh_args(sub.add_parser("refresh", help="compute the knowledge of the users a serving bundle queued "
+                                    "and swap it into the bundle (and the running service)"))
 
 
 def _store(args: argparse.Namespace, progress: bool = False) -> Any:
     from cocorec.knowledge.kar import KnowledgeStore
 
-    return KnowledgeStore(args.lm, getattr(args, "encoder", "minilm"), max_new_tokens=args.max_new_tokens,
-                          batch_size=getattr(args, "batch_size", 32),
-                          item_batch_size=getattr(args, "item_batch_size", 64), lm_device=args.lm_device,
-                          lm_dtype=args.lm_dtype, progress=progress, log=lambda m: print(m, flush=True))
+    kw = dict(max_new_tokens=args.max_new_tokens, batch_size=getattr(args, "batch_size", 32),
+              item_batch_size=getattr(args, "item_batch_size", 64), lm_device=args.lm_device,
+              lm_dtype=args.lm_dtype, progress=progress, log=lambda m: print(m, flush=True))
+    if getattr(args, "engine", "local") == "ray":   # the same cache; the actors generate (--threads each)
+        from cocorec.knowledge.ray_engine import RayKnowledgeStore, require_ray
+
+        require_ray()
+        return RayKnowledgeStore(args.lm, args.encoder, address=args.address, actors=args.actors,
+                                 threads=args.threads, **kw)
+    return KnowledgeStore(args.lm, getattr(args, "encoder", "minilm"), **kw)
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -75,7 +90,7 @@ def _load(args: argparse.Namespace) -> Any:
 
     from cocorec.data import prepare
 
-    if args.threads:
+    if args.threads and getattr(args, "engine", "local") == "local":   # ray: the threads of each actor
         torch.set_num_threads(args.threads)
     return prepare(args.dataset, data_dir=args.data_dir)
 
@@ -102,6 +117,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
           + (f", then up to {2 * args.rounds * n_u} reflect/refine texts" if args.method == "r4ec" else ""))
     print(f"text cache: {store.root / 'text'}", flush=True)
     t0 = time.perf_counter()
+    if args.engine == "ray":   # user and item texts in one actor-pool job
+        store.prefill(data, users, items)
     if args.no_encode:
         store.user_texts(data, users, args.method, args.rounds)
         store.item_facts(data, items)
@@ -163,5 +180,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def handler(args: argparse.Namespace) -> int:
+    if args.knowledge_action == "refresh":
+        from cocorec.serve.refresh import cmd_refresh
+
+        return cmd_refresh(args)
     return cmd_generate(args) if args.knowledge_action == "generate" else cmd_show(args)
 
