@@ -136,8 +136,8 @@ def test_api_key(keyed, bundle):
     assert keyed.get("/healthz").status_code == 200   # liveness needs no key
 
 
-def test_healthz_and_metrics(bundle):
-    c = TestClient(create_app(bundle, batching=False))
+def test_healthz_and_metrics(bundle, tmp_path):
+    c = TestClient(create_app(bundle, batching=False, queue=str(tmp_path / "queue.jsonl")))
     h = c.get("/healthz").json()
     assert h["status"] == "ok" and h["method"] == "coco" and h["users"] == len(bundle.user_ids)
     assert h["knowledge"] == [{"key": "user", "name": "user", "dim": 8}]
@@ -152,6 +152,8 @@ def test_healthz_and_metrics(bundle):
     assert 'cocorec_knowledge_lookups_total{result="hit"} 1.0' in text
     assert 'cocorec_knowledge_lookups_total{result="fallback"} 1.0' in text
     assert "cocorec_unknown_items_total 1.0" in text and "cocorec_unknown_users 1.0" in text
+    assert 'cocorec_queued_users_total{kind="new"} 1.0' in text
+    assert c.get("/healthz").json()["queued_users"] == 1
 
 
 def _bodies(bundle: BundleScorer, n: int) -> list[dict]:

@@ -17,10 +17,17 @@ Endpoints (JSON in and out; an error is ``{"detail": "<one line>"}`` with a 4xx)
   per field (no API key needed);
 * ``GET /metrics``: Prometheus text: requests and errors by endpoint and status, a latency histogram,
   knowledge lookups (``hit``: the user's stored knowledge; ``fallback``: an unknown user), unknown items,
-  distinct unknown users seen (kept in memory, the users a knowledge refresh would compute), reloads;
-* ``POST /reload``: read the bundle directory again (after ``cocorec export --overwrite``, which replaces
-  it by a rename) and swap it in whole; a request in flight finishes on the bundle it started with, a
-  bundle that cannot be read leaves the old one serving (409).
+  users queued for a knowledge refresh (now, and appended by kind), reloads;
+* ``POST /reload``: read the bundle directory again (after ``cocorec export --overwrite`` or ``cocorec
+  knowledge refresh``, which replace it by a rename) and swap it in whole; a request in flight finishes
+  on the bundle it started with, a bundle that cannot be read leaves the old one serving (409).
+
+Near-line knowledge: an unknown user (and a known one whose request carries another profile or history
+than the bundle's: ``changed``) is appended, with the request's profile and history, to the queue file
+``<bundle>.queue.jsonl`` (:mod:`cocorec.serve.queue`; once per user while queued; it survives the
+service). ``cocorec knowledge refresh --bundle B --reload http://HOST:PORT`` computes their knowledge
+with the run's LM and swaps the refreshed bundle in (:mod:`cocorec.serve.refresh`); they are known from
+then on.
 
 Checks: the API key (``X-API-Key`` header, when the service has one: 401 without it), the body size
 (413), JSON (400), the types and the limits (422: at most ``max_candidates`` items, ``max_history``
@@ -129,8 +136,13 @@ class Batcher:
 
 def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int = MAX_CANDIDATES,
                max_history: int = MAX_HISTORY, max_body_bytes: int = MAX_BODY_BYTES,
-               torch_threads: int | None = None, batching: bool = True, max_batch_rows: int = 8192) -> Any:
-    """A FastAPI app over ``bundle`` (a :class:`~cocorec.serve.bundle.BundleScorer` or its directory)."""
+               torch_threads: int | None = None, batching: bool = True, max_batch_rows: int = 8192,
+               queue: str | None = None, max_queue: int = 100_000) -> Any:
+    """A FastAPI app over ``bundle`` (a :class:`~cocorec.serve.bundle.BundleScorer` or its directory).
+
+    ``queue``: the near-line queue file (default ``<bundle>.queue.jsonl``, :mod:`cocorec.serve.queue`)
+    where unknown and changed users are appended (at most ``max_queue`` users) for
+    ``cocorec knowledge refresh``."""
     import hmac
 
     from fastapi import FastAPI, HTTPException, Request
@@ -141,6 +153,7 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
 
     from cocorec.data.errors import DataError
     from cocorec.serve.bundle import FALLBACK, BundleScorer
+    from cocorec.serve.queue import UserQueue, default_queue_path
 
     if torch_threads:
         import torch
@@ -159,8 +172,11 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
     lookups = Counter("cocorec_knowledge_lookups", "user knowledge: hit (stored) or fallback (unknown user)",
                       ["result"], registry=reg)
     unknown_items = Counter("cocorec_unknown_items", "candidate items the bundle does not know", registry=reg)
-    unknown_users = Gauge("cocorec_unknown_users", "distinct unknown user ids seen (the refresh queue)", registry=reg)
-    queue: dict[str, None] = {}   # unknown user ids, oldest first (bounded): what a knowledge refresh would compute
+    user_queue = UserQueue(queue or default_queue_path(first.path), max_queue)
+    Gauge("cocorec_unknown_users", "users queued for a knowledge refresh (unknown or changed)",
+          registry=reg).set_function(lambda: len(user_queue))
+    queued = Counter("cocorec_queued_users", "users appended to the refresh queue, by kind (new, changed) or "
+                     "dropped (queue full)", ["kind"], registry=reg)
     routes = {"/score", "/recommend", "/healthz", "/metrics", "/reload"}
 
     class Metrics:
@@ -193,7 +209,7 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
 
     app = FastAPI(title="cocorec", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Metrics)
-    app.state.live, app.state.unknown_user_queue = live, queue
+    app.state.live, app.state.user_queue = live, user_queue
     reloads = Counter("cocorec_bundle_reloads", "bundle reloads by result", ["result"], registry=reg)
 
     @app.exception_handler(Exception)
@@ -237,18 +253,21 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
     async def score(req: Any) -> Any:
         hist = [(h, 5) if isinstance(h, str) else (h.item, h.rating) for h in (req.history or [])]
         scorer = live["scorer"]   # this request is answered by the bundle live when it arrived
+        r = scorer.request(req.user, req.items, hist, req.profile)
+        changed = r.changed
         if batcher is None:
-            out = await run_in_threadpool(scorer.score, req.user, req.items, hist, req.profile)
+            out = (await run_in_threadpool(scorer.score_requests, [r]))[0]
         else:
-            out = await batcher.submit(scorer, scorer.request(req.user, req.items, hist, req.profile))
+            out = await batcher.submit(scorer, r)
         lookups.labels("hit" if out.user_known else "fallback").inc()
         if out.unknown_items:
             unknown_items.inc(len(out.unknown_items))
-        if not out.user_known and req.user is not None and req.user not in queue:
-            queue[req.user] = None
-            while len(queue) > 100_000:
-                queue.pop(next(iter(queue)))
-            unknown_users.set(len(queue))
+        if req.user is not None and (not out.user_known or changed) and req.user not in user_queue.ids:
+            before = user_queue.dropped
+            if user_queue.add(req.user, req.profile, hist, "new" if not out.user_known else "changed"):
+                queued.labels("new" if not out.user_known else "changed").inc()
+            elif user_queue.dropped > before:
+                queued.labels("dropped").inc()
         return out
 
     @app.post("/score")
@@ -272,7 +291,8 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
         c = scorer.config
         return {"status": "ok", "method": c["method"], "backbone": c["backbone"], "users": len(scorer.user_ids),
                 "items": len(scorer.item_ids), "knowledge": c["knowledge"], "fallback": FALLBACK,
-                "bundle_id": scorer.id, "exported_at": c.get("exported_at"), "unknown_users_seen": len(queue),
+                "bundle_id": scorer.id, "exported_at": c.get("exported_at"), "queued_users": len(user_queue),
+                "queue": str(user_queue.path),
                 "profile_fields": {f: sorted(v) for f, v in scorer.vocab.items()},
                 "max_candidates": max_candidates}
 
@@ -296,6 +316,7 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
                 await asyncio.sleep(0.2)
         old_id = live["scorer"].id
         live.update(scorer=new, loaded_at=time.time())
+        user_queue.resync()   # a knowledge refresh consumed what it computed: those users may queue again
         reloads.labels("ok").inc()
         return {"bundle_id": new.id, "previous": old_id, "users": len(new.user_ids), "items": len(new.item_ids)}
 
@@ -320,12 +341,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the model pass (default 1)")
     p.add_argument("--no-batching", action="store_true",
                    help="score each request on its own (default: concurrent requests share a model pass)")
+    p.add_argument("--queue", default=None,
+                   help="near-line queue of unknown/changed users for 'cocorec knowledge refresh' "
+                        "(default: <bundle>.queue.jsonl)")
+    p.add_argument("--max-queue", type=int, default=100_000, help="most users queued at once")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from cocorec.config import ConfigError
 
-    for name in ("port", "max_candidates", "max_history", "max_body_bytes", "threads"):
+    for name in ("port", "max_candidates", "max_history", "max_body_bytes", "threads", "max_queue"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     import uvicorn
@@ -335,7 +360,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     key = args.api_key or os.environ.get("COCOREC_API_KEY") or None
     scorer = BundleScorer(args.bundle)
     app = create_app(scorer, api_key=key, max_candidates=args.max_candidates, max_history=args.max_history,
-                     max_body_bytes=args.max_body_bytes, torch_threads=args.threads, batching=not args.no_batching)
+                     max_body_bytes=args.max_body_bytes, torch_threads=args.threads, batching=not args.no_batching,
+                     queue=args.queue, max_queue=args.max_queue)
     if args.host not in LOOPBACK and key is None:
         print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
     print(f"serving {args.bundle} ({scorer.config['backbone']} + {scorer.method}, {len(scorer.user_ids)} users, "

@@ -49,7 +49,8 @@ from cocorec.data.protocol import CTRData, FeatureSpec
 from cocorec.models import build_model
 from cocorec.utils.io import atomic_write_json, read_json, save_safetensors_atomic
 
-__all__ = ["FORMAT", "BundleChanged", "BundleScorer", "Scored", "export_bundle", "knowledge_tables"]
+__all__ = ["FORMAT", "BundleChanged", "BundleScorer", "Scored", "export_bundle", "knowledge_tables",
+           "user_knowledge_rows"]
 
 FORMAT = "cocorec-bundle-v1"
 FILES = ("bundle.json", "ids.json", "model.safetensors", "tables.safetensors")
@@ -103,12 +104,10 @@ def knowledge_tables(method: Any, data: CTRData, chunk: int = 4096) -> list[tupl
                             f"it cannot be exported as a lookup table")
     tables: list[list[torch.Tensor]] = [[] for _ in dims]
     if "user" in keys:
-        for a in range(0, n_users, chunk):
-            u = torch.arange(a, min(a + chunk, n_users))
-            out = _call(method, _rows(data, u, torch.ones_like(u)))
-            for j, key in enumerate(keys):
-                if key == "user":
-                    tables[j].append(out[j])
+        rows = user_knowledge_rows(method, data, torch.arange(n_users), keys, chunk)
+        for j, key in enumerate(keys):
+            if key == "user":
+                tables[j].append(rows[j])
     if "item" in keys:
         for a in range(0, n_items, chunk):
             i = torch.arange(a, min(a + chunk, n_items))
@@ -117,6 +116,22 @@ def knowledge_tables(method: Any, data: CTRData, chunk: int = 4096) -> list[tupl
                 if key == "item":
                     tables[j].append(out[j])
     return [(key, torch.cat(t).contiguous()) for key, t in zip(keys, tables)]
+
+
+def user_knowledge_rows(method: Any, data: CTRData, users: torch.Tensor, keys: Sequence[str],
+                        chunk: int = 4096) -> list[torch.Tensor | None]:
+    """The user-keyed knowledge of ``users`` (indices of ``data``) by the method itself, as the export
+    computes it (batches of those users, one row each): per field, ``[len(users), d]`` (None for an
+    item-keyed field). ``cocorec knowledge refresh`` computes the rows of new users this way."""
+    method.eval()
+    parts: list[list[torch.Tensor]] = [[] for _ in keys]
+    for a in range(0, len(users), chunk):
+        u = users[a:a + chunk]
+        out = _call(method, _rows(data, u, torch.ones_like(u)))
+        for j, key in enumerate(keys):
+            if key == "user":
+                parts[j].append(out[j])
+    return [torch.cat(p).contiguous() if key == "user" else None for key, p in zip(keys, parts)]
 
 
 def latest_histories(data: CTRData) -> tuple[np.ndarray, np.ndarray]:
@@ -258,6 +273,7 @@ class Request:
     known: list[int]
     unknown_items: list[str]
     n: int
+    changed: bool = False   # a known user whose request carried another profile or history than the bundle's
 
 
 class BundleScorer:
@@ -379,8 +395,21 @@ class BundleScorer:
         row = self.user_row(user, history, profile)
         index = [self.item_index.get(i, 0) for i in items]
         known = [j for j, i in enumerate(index) if i > 0]
+        changed = row[0] >= 0 and bool(history or profile) and self.differs(row, history, profile)
         return Request(row, torch.tensor([index[j] for j in known], dtype=torch.long), known,
-                       [items[j] for j, i in enumerate(index) if i == 0], len(items))
+                       [items[j] for j, i in enumerate(index) if i == 0], len(items), changed)
+
+    def differs(self, row: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor],
+                history: Sequence[tuple[str, int]] | None, profile: Mapping[str, str] | None) -> bool:
+        """Whether a known user's request gives a profile (a field it names) or a history (its last
+        ``max_hist_len`` known items and ratings) other than the bundle's row ``row``."""
+        _, feats, hist_i, hist_r = row
+        _, f2, i2, r2 = self.user_row(None, history, profile)
+        if profile:
+            named = [j for j, name in enumerate(self.spec.user_fields) if name in profile]
+            if named and not torch.equal(feats[named], f2[named]):
+                return True
+        return bool(history) and not (torch.equal(hist_i, i2) and torch.equal(hist_r, r2))
 
     def score_requests(self, reqs: Sequence[Request]) -> list[Scored]:
         """Score several requests in one pass through the model (the service batches concurrent ones)."""

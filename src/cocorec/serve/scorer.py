@@ -215,6 +215,32 @@ def find_dataset(cfg: dict[str, Any], run_dir: Path) -> str:
                     + (", ..." if len(tried) > 4 else "") + "); pass --dataset DIR")
 
 
+def run_data(run_dir: str | Path, cfg: dict[str, Any] | None = None, data_dir: str | None = None,
+             dataset: str | None = None) -> CTRData:
+    """The processed data a run was trained on (its protocol, its dataset found from any working
+    directory), checked against the checkpoint's data key. ``cfg``: the checkpoint config, if read."""
+    where = Path(run_dir) / "checkpoint" / "config.json"
+    if cfg is None:
+        if not where.is_file():
+            raise DataError(f"no trained checkpoint in {where.parent} (expected config.json)")
+        cfg = _read_checkpoint_config(where)
+    proto = dict(cfg.get("protocol", {}))
+    if "split_ratios" in proto:
+        proto["split_ratios"] = tuple(proto["split_ratios"])
+    try:
+        protocol = ProtocolConfig(**proto)
+    except TypeError as e:
+        raise DataError(f"{where}: field 'protocol': {_one_line(e)}; {_DAMAGED}") from None
+    if data_dir is None and cfg.get("data_dir") and Path(cfg["data_dir"]).is_dir():
+        data_dir = cfg["data_dir"]
+    name = dataset or find_dataset(cfg, Path(run_dir))
+    data = prepare(name, protocol, data_dir=data_dir)
+    if cfg.get("data_key") and data.key != cfg["data_key"]:
+        raise DataError(f"the data found for {cfg['dataset']!r} ({name}) differs from the data the model was "
+                        f"trained on (key {data.key} != {cfg['data_key']})")
+    return data
+
+
 def load_scorer(run_dir: str | Path, data: CTRData | None = None, data_dir: str | None = None,
                 load_data: bool = True, dataset: str | None = None) -> Scorer:
     """Rebuild backbone and method from a run directory's checkpoint and load the weights.
@@ -247,20 +273,7 @@ def load_scorer(run_dir: str | Path, data: CTRData | None = None, data_dir: str 
         raise DataError(f"{where} does not match {ck / 'model.safetensors'} ({_one_line(e)}); was config.json "
                         f"edited? restore it or retrain the run") from None
     if data is None and load_data:
-        proto = dict(cfg.get("protocol", {}))
-        if "split_ratios" in proto:
-            proto["split_ratios"] = tuple(proto["split_ratios"])
-        try:
-            protocol = ProtocolConfig(**proto)
-        except TypeError as e:
-            raise DataError(f"{where}: field 'protocol': {_one_line(e)}; {_DAMAGED}") from None
-        if data_dir is None and cfg.get("data_dir") and Path(cfg["data_dir"]).is_dir():
-            data_dir = cfg["data_dir"]
-        name = dataset or find_dataset(cfg, Path(run_dir))
-        data = prepare(name, protocol, data_dir=data_dir)
-        if cfg.get("data_key") and data.key != cfg["data_key"]:
-            raise DataError(f"the data found for {cfg['dataset']!r} ({name}) differs from the data the model was "
-                            f"trained on (key {data.key} != {cfg['data_key']})")
+        data = run_data(run_dir, cfg, data_dir=data_dir, dataset=dataset)
     state = {k[7:]: v for k, v in tensors.items() if k.startswith("method/")}
     try:   # attach (CoCo loads its LM and builds its modules), restore, prepare for the data
         method.build(model, data, state=state)
