@@ -90,10 +90,13 @@ def _print_metrics(m: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from cocorec.train.distributed import is_main
     from cocorec.train.run import execute
 
     cfg = build_run_config(args)
     res = execute(cfg)
+    if not is_main():   # under torchrun rank 0 alone reports (and wrote)
+        return 0
     _print_metrics(res.metrics)
     if res.status == "done":
         print(f"already done: {cfg.output} holds this finished run (run key {cfg.key()}); nothing retrained or "

@@ -13,15 +13,15 @@ from cocorec.config import ConfigError
 from cocorec.knowledge.base import build_method
 from cocorec.models import build_model
 from cocorec.train.run import RunConfig, run
-from cocorec.train.trainer import TrainConfig, Trainer
+from cocorec.train.trainer import TrainConfig, Trainer, resolve_device
 
 FAST = TrainConfig(epochs=2, batch_size=512, max_steps_per_epoch=15, threads=2)
 
 
-def _trainer(data, out=None, seed=0, epochs=2, backbone="deepfm"):
+def _trainer(data, out=None, seed=0, epochs=2, backbone="deepfm", **train):
     torch.manual_seed(seed)
     model = build_model(backbone, data.spec)
-    cfg = TrainConfig(**{**FAST.__dict__, "epochs": epochs})
+    cfg = TrainConfig(**{**FAST.__dict__, "epochs": epochs, **train})
     return Trainer(model, build_method("base"), data, cfg, output_dir=out, quiet=True, run_key="k", seed=seed)
 
 
@@ -31,6 +31,26 @@ def test_fixed_seed_gives_identical_metrics(ml100k):
     b = _trainer(ml100k, seed=3)
     b.fit()
     np.testing.assert_array_equal(a.predict("test")["prob"], b.predict("test")["prob"])
+
+
+def test_deterministic_on_by_default_keeps_the_run_keys_recorded_before_it():
+    from dataclasses import replace
+
+    cfg = RunConfig(dataset="ml-100k", backbone="din", seed=0,
+                    train=TrainConfig(epochs=2, max_steps_per_epoch=20, threads=1))
+    assert cfg.train.deterministic and cfg.key() == "9062eb6772dccd34"   # its key before the setting existed
+    assert replace(cfg, train=replace(cfg.train, deterministic=False)).key() != cfg.key()
+    assert RunConfig().with_overrides({"train": {"deterministic": "false"}}).train.deterministic is False
+
+
+def test_deterministic_kernels_change_nothing_on_the_cpu(ml100k):
+    on = _trainer(ml100k, seed=2, epochs=1, deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled()
+    on.fit()
+    off = _trainer(ml100k, seed=2, epochs=1, deterministic=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    off.fit()
+    np.testing.assert_array_equal(on.predict("test")["prob"], off.predict("test")["prob"])
 
 
 def test_embedding_l2_shrinks_the_embedding_tables(ml100k):
@@ -80,8 +100,8 @@ def test_run_writes_metrics_and_appends_results(ml100k, tmp_path):
     rec = json.loads(lines[-1])
     assert rec["backbone"] == "din" and rec["method"] == "base" and rec["seed"] == 1 and rec["git_sha"]
     assert rec["metrics"]["test"]["auc"] == m["test"]["auc"]
-    expected = "cuda" if torch.cuda.is_available() else "cpu"       # where it ran (train.device=auto)
-    assert rec["machine"]["device"] == expected and rec["machine"]["cpu_count"] >= 1
+    assert rec["machine"]["device"] == str(resolve_device(cfg.train.device))   # where it ran (auto: cuda if any)
+    assert rec["machine"]["cpu_count"] >= 1
     assert json.loads((tmp_path / "o" / "checkpoint" / "config.json").read_text())["backbone"] == "din"
 
 

@@ -6,6 +6,10 @@ results file must be writable; then the output directory decides: empty (train),
 line it lacks is restored), another configuration's run (refused; ``overwrite=True`` / ``--overwrite``
 replaces it). metrics.json and the results line are strict JSON: a NaN metric is an error naming it.
 
+Under ``torchrun --nproc_per_node=N -m cocorec train ...`` every process runs this same function
+(:mod:`cocorec.train.distributed`): each checks and reads alike, rank 0 prepares the data first,
+all train and evaluate together, and rank 0 alone writes; the others wait for it at a barrier.
+
 Example:
     >>> cfg = RunConfig(dataset="ml-100k", backbone="din", method="base", seed=0, output="runs/din")
     >>> metrics = run(cfg)                                   # doctest: +SKIP
@@ -37,6 +41,7 @@ from cocorec.eval.knowledge import knowledge_report, user_derangement
 from cocorec.eval.metrics import evaluate_predictions, group_metrics
 from cocorec.knowledge.base import METHODS, build_method, check_method_args, import_methods, method_label
 from cocorec.models import MODELS, build_model
+from cocorec.train import distributed
 from cocorec.train.trainer import TrainConfig, Trainer, check_finite_metrics, resolve_device
 from cocorec.utils.io import atomic_write_json, key_of, nonfinite_to_none, read_json, strict_json_dumps, to_jsonable
 from cocorec.utils.seed import seed_everything
@@ -90,16 +95,24 @@ class RunConfig:
         return cfg
 
     def key(self) -> str:
-        """Identity of the run's configuration (output/results paths and verbosity excluded)."""
+        """Identity of the run's configuration (output/results paths and verbosity excluded; settings
+        added later are left out at their default, so the runs recorded before them keep their key)."""
         d = asdict(self)
         for k in ("output", "results", "quiet", "data_dir", "download", "label_keys", "overwrite"):
             d.pop(k)
+        for k, default in _TRAIN_KEYS_ADDED.items():
+            if d["train"].get(k) == default:
+                d["train"].pop(k)
         d["protocol_version"] = PROTOCOL_VERSION    # a run on data processed otherwise is another run
         return key_of(d)
 
     def method_label(self) -> str:
         """The method as reports name it: ``kar``, ``kar[source=oracle]`` (see :func:`method_label`)."""
         return method_label(self.method, self.method_args, self.label_keys)
+
+
+#: TrainConfig settings added after runs were recorded, with the default that reproduces those runs.
+_TRAIN_KEYS_ADDED: dict[str, Any] = {"deterministic": True}
 
 
 def _replace(cfg: RunConfig, **kw: Any) -> RunConfig:
@@ -128,6 +141,8 @@ def machine_info(device: torch.device | str) -> dict[str, Any]:
                             "torch": torch.__version__, "python": platform.python_version()}
     if dev.type == "cuda" and torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name(dev)
+    if distributed.world_size() > 1:   # a torchrun run: its processes (one device each)
+        info["processes"] = distributed.world_size()
     return info
 
 
@@ -166,6 +181,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"seed must be an integer from 0 to 2**32 - 1, got {cfg.seed!r}")
     check_method_args(cfg.method, cfg.method_args)   # e.g. a bad source: an error before any data
     resolve_device(cfg.train.device)                  # cuda asked for where there is none
+    distributed.check_supported(METHODS[cfg.method], cfg.method)   # torchrun with a method that cannot
 
 
 # ----------------------------------------------------------------------------- the output directory
@@ -374,6 +390,7 @@ def execute(cfg: RunConfig, data: CTRData | None = None) -> RunResult:
     line it lacks is restored) or - only with ``cfg.overwrite`` - a run to replace."""
     t_start = time.perf_counter()
     validate(cfg)
+    distributed.setup(resolve_device(cfg.train.device))   # under torchrun: join the other processes
     check_writable(cfg.output, cfg.results)
     state = inspect_output(cfg)
     out = Path(cfg.output) if cfg.output else None
@@ -381,14 +398,16 @@ def execute(cfg: RunConfig, data: CTRData | None = None) -> RunResult:
         return _finished(cfg, state, data)
     method = build_method(cfg.method, seed=cfg.seed, **cfg.method_args)   # bad settings fail before the data
     if data is None:
-        data = prepare(cfg.dataset, cfg.protocol, data_dir=cfg.data_dir, download=cfg.download)
+        with distributed.main_first():   # rank 0 fills the processed-data cache, the others read it
+            data = prepare(cfg.dataset, cfg.protocol, data_dir=cfg.data_dir, download=cfg.download)
     check_splits(data)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)   # every rank draws the same initial weights (DDP also copies rank 0's)
     method.bind(data.spec)
     # Methods with knowledge know their field sizes only after they are built (and bound to the data).
     model = build_model(cfg.backbone, data.spec, knowledge_dims=method.knowledge_dims, **cfg.model)
-    if out is not None and state.kind == "replace":
+    if out is not None and state.kind == "replace" and distributed.is_main():
         _clear_run(out)
+    distributed.barrier()   # no rank looks for last/ before rank 0 cleared a replaced run
     trainer = Trainer(model, method, data, cfg.train, output_dir=out, quiet=cfg.quiet, run_key=cfg.key(),
                       seed=cfg.seed)
     val = trainer.fit()
@@ -407,7 +426,7 @@ def execute(cfg: RunConfig, data: CTRData | None = None) -> RunResult:
                          "train": asdict(cfg.train), "model": cfg.model, "method_args": cfg.method_args,
                          "method_config": method.config_dict()}
     _write(cfg, out, metrics, data, method.knowledge_dims)
-    return RunResult(metrics, "trained", bool(cfg.results))
+    return RunResult(metrics, "trained", bool(cfg.results) and distributed.is_main())
 
 
 def _finished(cfg: RunConfig, state: OutputState, data: CTRData | None) -> RunResult:
@@ -423,9 +442,10 @@ def _finished(cfg: RunConfig, state: OutputState, data: CTRData | None) -> RunRe
                        f"key {old_key}, now {data.key}: the dataset's files changed); use another --output, or "
                        f"pass --overwrite to replace it")
     appended = False
-    if cfg.results and not has_result_line(cfg.results, cfg.key(), cfg.output):
+    if cfg.results and distributed.is_main() and not has_result_line(cfg.results, cfg.key(), cfg.output):
         append_result(cfg.results, results_record(state.metrics, cfg.output))
         appended = True
+    distributed.barrier()
     return RunResult(state.metrics, "done", appended)
 
 
@@ -469,6 +489,9 @@ def _write(cfg: RunConfig, out: Path | None, metrics: dict[str, Any], data: CTRD
         strict_json_dumps(record, "the run's results")
     except ValueError as e:
         raise RunError(str(e)) from None
+    if not distributed.is_main():   # under torchrun rank 0 alone writes; the others wait for it
+        distributed.barrier()
+        return
     if out:
         c = metrics["config"]
         out.mkdir(parents=True, exist_ok=True)
@@ -483,6 +506,7 @@ def _write(cfg: RunConfig, out: Path | None, metrics: dict[str, Any], data: CTRD
         atomic_write_json(out / "metrics.json", metrics)
     if cfg.results:
         append_result(cfg.results, record)
+    distributed.barrier()
 
 
 def _dataset_path(dataset: str) -> str | None:

@@ -4,6 +4,11 @@ It owns fit (AdamW, early stopping on validation AUC - never on test), evaluatio
 the best checkpoint (safetensors + JSON, atomic), and resume after interruption
 (``last/`` holds model, method, optimizer and RNG state after every epoch).
 
+Under ``torchrun`` the same loop trains data-parallel (:mod:`cocorec.train.distributed`): the loss
+module is wrapped in DDP, each rank takes its slice of every global batch (``train.batch_size`` is
+the global batch: ``batch_size / N`` per process), predictions are gathered from every rank before
+any metric, and rank 0 alone writes.
+
 Example:
     >>> from cocorec.data import prepare
     >>> from cocorec.models import build_model
@@ -18,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -34,6 +40,7 @@ from cocorec.data.errors import DataError
 from cocorec.data.protocol import CTRData
 from cocorec.eval.metrics import evaluate_predictions
 from cocorec.knowledge.base import KnowledgeMethod
+from cocorec.train import distributed
 from cocorec.utils.device import resolve_device as _resolve_device
 from cocorec.utils.io import atomic_write_json, read_json, save_safetensors_atomic
 from cocorec.utils.seed import seed_everything
@@ -55,6 +62,10 @@ class TrainConfig:
     amp: bool = True                    # bf16 autocast on CUDA (ignored on CPU)
     max_steps_per_epoch: int | None = None
     threads: int | None = None          # torch CPU threads (None: torch default)
+    # torch.use_deterministic_algorithms (warn_only) + CUBLAS_WORKSPACE_CONFIG=:4096:8 on CUDA: the
+    # same seed on the same device gives the same run. Free on the CPU (bit-identical metrics there);
+    # its cost on CUDA is unmeasured. Left out of the run key when on (runs before it keep their key).
+    deterministic: bool = True
 
     # What each number must be (checked whenever a TrainConfig is made, e.g. by ``--set train.lr=-1``).
     _RULES = {"epochs": "at-least-1", "batch_size": "at-least-1", "eval_batch_size": "at-least-1",
@@ -70,6 +81,14 @@ class TrainConfig:
                 torch.device(self.device)
             except (RuntimeError, ValueError):
                 raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}") from None
+
+
+def set_deterministic(on: bool, device: torch.device) -> None:
+    """``train.deterministic``: deterministic torch kernels (ops without one warn rather than fail);
+    on CUDA cuBLAS also needs a fixed workspace, set before its first use in the process."""
+    if on and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,6 +162,43 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+class Objective(nn.Module):
+    """The loss the trainer minimises on one batch: the method's training loss (which runs the
+    backbone), the backbone's own extra loss (DIEN's) and the embedding L2. One module so that DDP
+    wraps the whole forward; with one process it is called as is.
+
+    Constructor Args:
+        model: the backbone. method: the knowledge method. embedding_l2: ``train.embedding_l2``.
+
+    Call Args:
+        batch: a training batch on the device. step: the global step.
+
+    Returns:
+        ``(loss, logs)``: a scalar tensor and the float logs of its parts.
+
+    Example:
+        >>> from cocorec.models.base import random_batch                       # doctest: +SKIP
+        >>> loss, logs = Objective(model, method, 0.0)(random_batch(spec), 0)   # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, method: KnowledgeMethod, embedding_l2: float = 0.0) -> None:
+        super().__init__()
+        self.model, self.method, self.embedding_l2 = model, method, embedding_l2
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, logs = self.method.training_loss(self.model, batch, step)
+        extra = self.model.add_loss()    # the backbone's own (DIEN's), from the forward just run
+        if extra is not None:
+            loss = loss + extra
+            logs["backbone_aux"] = float(extra.detach())
+        if self.embedding_l2:   # FuxiCTR's embedding regulariser: L2 on the embedding tables
+            with torch.autocast(loss.device.type, enabled=False):
+                reg = self.embedding_l2 * sum(p.float().pow(2).sum() for p in self.model.embedding_parameters())
+            loss = loss + reg
+            logs["embedding_l2"] = float(reg.detach())
+        return loss, logs
+
+
 class Trainer:
     """Fits ``model`` (a backbone) together with ``method`` (a knowledge plug-in) on ``data``."""
 
@@ -151,14 +207,17 @@ class Trainer:
         self.model, self.method, self.data, self.cfg = model, method, data, config
         self.seed = int(seed)   # the run's seed: data order and the RNG state at fit
         self.output_dir = Path(output_dir) if output_dir else None
-        self.quiet = quiet
         self.run_key = run_key  # identifies the run's config: resume only into the same run
-        self.device = resolve_device(config.device)
+        self.device = distributed.setup(resolve_device(config.device))   # cuda:LOCAL_RANK under torchrun
+        self.quiet = quiet or not distributed.is_main()
+        set_deterministic(config.deterministic, self.device)
         if config.threads:
             torch.set_num_threads(config.threads)
         self.model.to(self.device)
         self.method.to(self.device)
-        self.method.build(self.model, data, self.output_dir)
+        with distributed.main_first():   # rank 0 fills the method's caches, the others read them
+            self.method.build(self.model, data, self.output_dir)
+        self.objective = distributed.wrap(Objective(model, method, config.embedding_l2), self.device)
         self.history: list[dict[str, Any]] = []
         self.step = 0
         self.epoch = 0
@@ -199,6 +258,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train with early stopping on validation AUC; restore and return the best model's val metrics."""
         seed_everything(self.seed)
+        if distributed.rank() > 0:   # other dropout draws than rank 0's (which keeps the one-process stream)
+            torch.manual_seed(distributed.rank_seed(self.seed, distributed.rank()))
         self._maybe_resume()
         n_train = self.data.split("train").n
         steps = math.ceil(n_train / self.cfg.batch_size)
@@ -212,22 +273,16 @@ class Trainer:
                        unit="batch", leave=False)
             logs_sum: dict[str, float] = {}
             n_samples = 0
-            batches = self.data.batches("train", self.cfg.batch_size, shuffle=True, seed=self.seed,
-                                        epoch=self.epoch)
-            for i, batch in enumerate(batches):
+            # This rank's slice of each global batch, and the weight that makes DDP's gradient average
+            # the gradient of the global batch's mean loss (1 with one process).
+            batches = distributed.train_batches(self.data, "train", self.cfg.batch_size, self.seed, self.epoch)
+            for i, (batch, weight, b) in enumerate(batches):
                 if i >= steps:
                     break
                 batch = to_device(batch, self.device)
                 with self._autocast():
-                    loss, logs = self.method.training_loss(self.model, batch, self.step)
-                    extra = self.model.add_loss()    # the backbone's own (DIEN's), from the forward just run
-                    if extra is not None:
-                        loss = loss + extra
-                        logs["backbone_aux"] = float(extra.detach())
-                if self.cfg.embedding_l2:   # FuxiCTR's embedding regulariser: L2 on the embedding tables
-                    reg = self.cfg.embedding_l2 * sum(p.float().pow(2).sum() for p in self.model.embedding_parameters())
-                    loss = loss + reg
-                    logs["embedding_l2"] = float(reg.detach())
+                    loss, logs = self.objective(batch, self.step)
+                loss = loss * weight
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {float(loss)} at epoch {self.epoch + 1}, step {self.step}; "
                                              f"lower train.lr or check the inputs")
@@ -238,7 +293,6 @@ class Trainer:
                                              self.cfg.grad_clip)
                 self.optimizer.step()
                 self.step += 1
-                b = int(batch["label"].shape[0])
                 n_samples += b
                 for k, v in logs.items():
                     logs_sum[k] = logs_sum.get(k, 0.0) + v * b
@@ -247,7 +301,10 @@ class Trainer:
                     bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
             bar.close()
             self.train_seconds += time.perf_counter() - t0
+            logs_sum = distributed.all_sum(logs_sum)                  # over every rank's samples
+            n_samples = int(distributed.all_sum({"n": n_samples})["n"])
             self.samples_seen += n_samples
+            distributed.broadcast_buffers(self.model, self.method)   # rank 0's running statistics everywhere
             self.method.on_epoch_end(self.epoch)
             val = self.evaluate("val")
             check_finite_metrics(val, f"val (epoch {self.epoch + 1})", split_labels=self.data.split("val").label)
@@ -290,13 +347,17 @@ class Trainer:
         sample of user ``u`` (the backbone still sees ``u``'s own features): the knowledge permuted
         across users. ``keep_knowledge``: also return the knowledge fields fed to the backbone
         (``"knowledge"``: one ``[n, width]`` array per field).
+
+        Under torchrun every rank predicts its slice of the split and gets all of them back, in order:
+        every rank returns the whole split (a collective: every rank must call it).
         """
         self.model.eval()
         self.method.eval()
         perm = torch.from_numpy(np.asarray(user_perm)) if user_perm is not None else None
         probs, fields = [], []
-        for batch in self.data.batches(split, self.cfg.eval_batch_size):
-            batch = to_device(batch, self.device)
+        rows = distributed.eval_rows(self.data.split(split).n)
+        for start in range(0, len(rows), self.cfg.eval_batch_size):
+            batch = to_device(self.data.batch(split, rows[start:start + self.cfg.eval_batch_size]), self.device)
             with self._autocast():
                 if not use_knowledge:
                     knowledge = None
@@ -308,10 +369,10 @@ class Trainer:
             if keep_knowledge and knowledge is not None:
                 fields.append([k.float().cpu().numpy() for k in knowledge])
         s = self.data.split(split)
-        out: dict[str, Any] = {"prob": np.concatenate(probs) if probs else np.zeros(0, np.float32),
-                               "label": s.label, "user": s.user}
+        prob = distributed.all_gather_rows(np.concatenate(probs) if probs else np.zeros(0, np.float32))
+        out: dict[str, Any] = {"prob": prob, "label": s.label, "user": s.user}
         if keep_knowledge:
-            out["knowledge"] = [np.concatenate(f) for f in zip(*fields)] if fields else []
+            out["knowledge"] = [distributed.all_gather_rows(np.concatenate(f)) for f in zip(*fields)] if fields else []
         return out
 
     def evaluate(self, split: str, use_knowledge: bool = True, user_perm: np.ndarray | None = None) -> dict[str, float]:
@@ -325,7 +386,9 @@ class Trainer:
         return t
 
     def save_checkpoint(self, directory: Path) -> None:
-        """Best model: weights (safetensors) + a self-describing config (JSON), both atomic."""
+        """Best model: weights (safetensors) + a self-describing config (JSON), both atomic (rank 0 alone)."""
+        if not distributed.is_main():
+            return
         directory.mkdir(parents=True, exist_ok=True)
         save_safetensors_atomic(self._tensors(), directory / "model.safetensors",
                                 metadata={"run_key": self.run_key, "epoch": str(self.epoch + 1)})
@@ -345,13 +408,19 @@ class Trainer:
         self.model.to(self.device)
 
     def _save_last(self) -> None:
+        """``last/``: what resuming needs. Every rank's RNG state (``rng/torch`` is rank 0's,
+        ``rng/torch/R`` rank R's); rank 0 writes (a collective: every rank calls it)."""
         assert self.output_dir is not None
+        rng = distributed.gather_rng_states()
+        if not distributed.is_main():
+            return
         d = self.output_dir / "last"
         d.mkdir(parents=True, exist_ok=True)
         tensors = self._tensors()
         opt_t, opt_meta = _flatten_optimizer(self.optimizer)
         tensors.update(opt_t)
-        tensors["rng/torch"] = torch.get_rng_state()
+        tensors["rng/torch"] = rng[0]
+        tensors.update({f"rng/torch/{r}": state for r, state in enumerate(rng) if r > 0})
         save_safetensors_atomic(tensors, d / "state.safetensors")
         atomic_write_json(d / "state.json", {
             "run_key": self.run_key, "epoch": self.epoch, "step": self.step, "best_auc": _finite(self.best_auc),
@@ -380,7 +449,8 @@ class Trainer:
         tensors = load_safetensors(d / "state.safetensors", hint=hint)
         self._load_tensors(tensors)
         self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
-        torch.set_rng_state(tensors["rng/torch"])
+        # this rank's own state; a rank the saving run did not have continues rank 0's
+        torch.set_rng_state(tensors.get(f"rng/torch/{distributed.rank()}", tensors["rng/torch"]))
         self.epoch, self.step = meta["epoch"], meta["step"]
         best = meta["best_auc"]
         self.best_auc = -math.inf if best is None else best   # None: no epoch improved yet (-inf is not JSON)
