@@ -15,9 +15,15 @@ from cocorec.knowledge import kar
 from cocorec.knowledge.kar import KarMethod, KnowledgeStore
 from tests.conftest import write_generic
 
-ray = pytest.importorskip("ray", reason="Ray is not installed: the ray engine needs the extra cocorec[scale] "
-                                        "(ray[data]==2.60.0)")
-from cocorec.knowledge.ray_engine import RayKnowledgeStore, planned_identity  # noqa: E402
+from cocorec.knowledge.ray_engine import RayKnowledgeStore, planned_identity
+
+try:
+    import ray
+    import ray.data  # noqa: F401
+except ImportError:
+    ray = None
+needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed: the ray engine needs the extra "
+                                                   "cocorec[scale] (ray[data]==2.60.0)")
 
 SETTINGS = dict(max_new_tokens=8, batch_size=2, item_batch_size=3)
 
@@ -45,6 +51,7 @@ def _shards(root: Path, kind_dir: str = "text") -> int:
     return sum(1 for _ in (root / kind_dir).glob("*/shard-*.json"))
 
 
+@needs_ray
 def test_ray_texts_and_vectors_equal_the_single_process_path(ray_session, tiny_data, tmp_path):
     _, data = tiny_data
     users, items = list(range(6)), list(range(1, 7))
@@ -67,6 +74,7 @@ def test_ray_texts_and_vectors_equal_the_single_process_path(ray_session, tiny_d
     assert store.stats["user"]["generated"] == 6   # the vectors came from the texts already generated
 
 
+@needs_ray
 def test_ray_sends_only_the_missing_prompts_and_writes_the_same_cache(ray_session, tiny_data, tmp_path):
     _, data = tiny_data
     prompts = [kar.item_prompt(data, i) for i in range(1, 8)]
@@ -81,6 +89,7 @@ def test_ray_sends_only_the_missing_prompts_and_writes_the_same_cache(ray_sessio
     assert again.stats["item"] == {"generated": 0, "cached": 7}
 
 
+@needs_ray
 def test_cli_engine_ray_then_training_reads_the_cache_unchanged(ray_session, tiny_data, tmp_path, monkeypatch,
                                                                    capsys):
     d, data = tiny_data
@@ -95,3 +104,12 @@ def test_cli_engine_ray_then_training_reads_the_cache_unchanged(ray_session, tin
     assert m._info["texts"]["user"] == {"generated": 0, "cached": data.n_users}
     assert m._info["texts"]["item"] == {"generated": 0, "cached": data.spec.n_items - 1}
     assert m._info["texts"]["encode"]["generated"] == 0
+
+
+def test_engine_ray_without_the_extra_is_a_one_line_error(tiny_data, monkeypatch, capsys):
+    d, _ = tiny_data
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)   # as if ray were not installed
+    assert main(["knowledge", "generate", "--dataset", str(d), "--lm", "tiny", "--encoder", "tiny", "--engine", "ray",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cocorec[scale]" in err[0]

@@ -282,10 +282,16 @@ class RayKnowledgeStore(KnowledgeStore):
             runtime_env={"env_vars": env} if env else None, udf_modifying_row_count=False)
         total = sum(len(json.loads(r["keys"])) for r in rows)
         t0 = time.perf_counter()
+        first: float | None = None
+        busy: list[float] = []
         with tqdm(total=total, desc="generate (ray)", unit="text", disable=not self.progress,
                   dynamic_ncols=True) as bar:
             for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-                for j, keys_json, texts_json in zip(batch["job"], batch["keys"], batch["texts"]):
+                for j, keys_json, texts_json, sec in zip(batch["job"], batch["keys"], batch["texts"],
+                                                         batch["seconds"]):
+                    if first is None:   # start-up: Ray's scheduling + actor start + LM load, before any batch ran
+                        first = time.perf_counter() - t0 - float(sec)
+                    busy.append(float(sec))
                     cache, _ = jobs[int(j)]
                     keys, texts = json.loads(keys_json), json.loads(texts_json)
                     cache.put_many(dict(zip(keys, texts)))   # flushed now: a killed job keeps this batch
@@ -293,8 +299,11 @@ class RayKnowledgeStore(KnowledgeStore):
                     self._fresh[kinds[int(j)]].update(keys)
                     bar.update(len(keys))
         dt = time.perf_counter() - t0
+        #: The last job: wall time, texts, start-up before the first batch, generation seconds per batch.
+        self.last_job = {"wall_s": dt, "texts": total, "batches": len(rows), "startup_s": first or 0.0,
+                         "batch_seconds": busy, "actors": int(self.actors or 1), "threads": self.threads}
         for kind in dict.fromkeys(kinds):   # the job's wall time, shared by the kinds it ran
             self.seconds[kind] = self.seconds.get(kind, 0.0) + dt * sum(
                 len(json.loads(r["keys"])) for r in rows if kinds[r["job"]] == kind) / max(1, total)
-        self._say(f"Ray job: {total} texts in {dt:.1f} s ({total / max(dt, 1e-9):.2f} texts/s, actor start-up "
-                  f"included)")
+        self._say(f"Ray job: {total} texts in {dt:.1f} s ({total / max(dt, 1e-9):.2f} texts/s, of which "
+                  f"{first or 0.0:.1f} s actor start-up and LM loading)")
