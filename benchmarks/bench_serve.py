@@ -8,11 +8,19 @@ in count (``--requests`` per bundle and level) and in time (``--max-seconds`` pe
 request is a known user (drawn at random) with ``--candidates`` random items of the bundle.
 
 Prints one table: per bundle and level, requests, errors, throughput, p50 / p99 / max latency
-(client side: the whole HTTP round trip), the ratio of p99 of each bundle to the first one's, and
-from the server's /metrics its mean latency (request in to answer out) and requests per model pass.
-The client runs on the same machine as the servers: on a 2-core box it takes a share of the CPU.
+(client side: the whole HTTP round trip), the ratio of p99 of each bundle to the first one's, from
+the server's /metrics its mean latency (request in to answer out) and requests per model pass, and the
+CPU time per request of the server process (all its threads, from /proc) and of the client. CPU time
+per request moves far less than latency with the load of a shared box: it is the figure to compare.
+The client runs on the same machine as the servers: on a 2-core box it takes a share of the CPU
+(``--client raw``: a minimal HTTP/1.1 keep-alive client on asyncio streams, a fraction of httpx's CPU).
+
+The same bundle may be served twice by different code, side by side in one run: ``--pythonpath
+NAME=DIR`` puts DIR first on that server's PYTHONPATH (an older checkout's ``src``: before/after a
+change; a directory with httptools and uvloop, which uvicorn then uses instead of h11 and asyncio).
 
     python benchmarks/bench_serve.py --bundle base=bundles/din-base --bundle coco=bundles/din-coco
+    python benchmarks/bench_serve.py --bundle before=B --bundle after=B --pythonpath before=/tmp/old/src
 """
 
 from __future__ import annotations
@@ -39,11 +47,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: str, port: int, threads: int, log: Path) -> subprocess.Popen:
+def start_server(bundle: str, port: int, threads: int, log: Path, pythonpath: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "cocorec.cli", "serve", "--bundle", bundle, "--host", "127.0.0.1",
            "--port", str(port), "--threads", str(threads)]
-    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> dict:
@@ -81,6 +100,44 @@ def bodies(bundle: str, n: int, candidates: int, seed: int) -> list[bytes]:
     k = min(candidates, len(ids["items"]))
     return [json.dumps({"user": rng.choice(ids["users"]), "items": rng.sample(ids["items"], k)}).encode()
             for _ in range(n)]
+
+
+async def raw_load(url: str, reqs: list[bytes], clients: int, max_seconds: float) -> tuple[list[float], int, float]:
+    """As :func:`load`, with one keep-alive HTTP/1.1 connection per worker on asyncio streams (no httpx)."""
+    host, port = url.removeprefix("http://").split(":")
+    lat: list[float] = []
+    errors = 0
+    it = iter(reqs)
+    deadline = time.perf_counter() + max_seconds
+
+    async def worker() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            for body in it:
+                if time.perf_counter() > deadline:
+                    return
+                t0 = time.perf_counter()
+                ok = False
+                try:
+                    writer.write(b"POST /score HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body))
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    lines = head.split(b"\r\n")
+                    size = next(int(v) for k, _, v in (x.partition(b":") for x in lines[1:])
+                                if k.strip().lower() == b"content-length")
+                    answer = await reader.readexactly(size)
+                    ok = lines[0].split()[1] == b"200" and len(json.loads(answer)["scores"]) > 0
+                except (OSError, asyncio.IncompleteReadError, StopIteration, ValueError, KeyError):
+                    ok = False
+                lat.append(time.perf_counter() - t0)
+                errors += not ok
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return lat, errors, time.perf_counter() - t0
 
 
 async def load(url: str, reqs: list[bytes], clients: int, max_seconds: float) -> tuple[list[float], int, float]:
@@ -123,8 +180,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     ap.add_argument("--max-seconds", type=float, default=60.0, help="time cap of one round")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--pythonpath", action="append", default=[],
+                    help="NAME=DIR: first on the PYTHONPATH of that bundle's server (other code, side by side)")
+    ap.add_argument("--client", choices=["httpx", "raw"], default="httpx",
+                    help="httpx.AsyncClient, or a minimal keep-alive HTTP/1.1 client on asyncio streams")
     args = ap.parse_args()
     named = [b.split("=", 1) for b in args.bundle]
+    paths = dict(x.split("=", 1) for x in args.pythonpath)
+    run_load = raw_load if args.client == "raw" else load
     levels = [int(c) for c in args.clients.split(",")]
     logdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-serve-{os.getpid()}"
     logdir.mkdir(parents=True, exist_ok=True)
@@ -132,21 +195,25 @@ def main() -> int:
     try:
         for name, path in named:
             port = free_port()
-            procs[name] = start_server(path, port, args.threads, logdir / f"{name}.log")
+            procs[name] = start_server(path, port, args.threads, logdir / f"{name}.log", paths.get(name))
             urls[name] = f"http://127.0.0.1:{port}"
         info = {name: wait_ready(urls[name], procs[name]) for name, _ in named}
         rows = []
         for c in levels:
             per = max(1, args.requests // args.rounds)
             res = {name: ([], 0, 0.0) for name, _ in named}
+            cpu = {name: [0.0, 0.0] for name, _ in named}   # server, client CPU seconds in the measured rounds
             for name, path in named:   # warm-up
-                asyncio.run(load(urls[name], bodies(path, args.warmup, args.candidates, 1), c, args.max_seconds))
+                asyncio.run(run_load(urls[name], bodies(path, args.warmup, args.candidates, 1), c, args.max_seconds))
             before = {name: server_side(urls[name]) for name, _ in named}
             for r in range(args.rounds):
                 order = named if r % 2 == 0 else named[::-1]
                 for name, path in order:
-                    lat, err, wall = asyncio.run(load(urls[name], bodies(path, per, args.candidates, 100 * c + r),
-                                                      c, args.max_seconds))
+                    reqs = bodies(path, per, args.candidates, 100 * c + r)
+                    s0, c0 = cpu_seconds(procs[name].pid), time.process_time()
+                    lat, err, wall = asyncio.run(run_load(urls[name], reqs, c, args.max_seconds))
+                    cpu[name][0] += cpu_seconds(procs[name].pid) - s0
+                    cpu[name][1] += time.process_time() - c0
                     a, e, w = res[name]
                     res[name] = (a + lat, e + err, w + wall)
             ref_p99 = None
@@ -162,10 +229,14 @@ def main() -> int:
                 rows.append({"bundle": name, "method": info[name]["method"], "clients": c, "requests": len(lat),
                              "errors": err, "req_per_s": len(lat) / wall, "p50_ms": p50, "p99_ms": p99,
                              "max_ms": float(ms.max()), "p99_vs_first": p99 / ref_p99,
-                             "server_mean_ms": server_ms, "requests_per_pass": per_pass})
+                             "server_mean_ms": server_ms, "requests_per_pass": per_pass,
+                             "server_cpu_ms": cpu[name][0] / max(len(lat), 1) * 1e3,
+                             "client_cpu_ms": cpu[name][1] / max(len(lat), 1) * 1e3})
                 print(f"{name:>8} clients={c:>3} n={len(lat):>5} errors={err} {len(lat) / wall:8.1f} req/s "
                       f"p50={p50:6.2f} ms p99={p99:6.2f} ms max={ms.max():7.2f} ms p99/first={p99 / ref_p99:.2f} "
-                      f"server mean={server_ms:.2f} ms requests/pass={per_pass:.1f}",
+                      f"server mean={server_ms:.2f} ms requests/pass={per_pass:.1f} "
+                      f"CPU/request server={rows[-1]['server_cpu_ms']:.2f} ms "
+                      f"client={rows[-1]['client_cpu_ms']:.2f} ms",
                       flush=True)
     finally:
         for p in procs.values():
@@ -177,14 +248,15 @@ def main() -> int:
                 p.kill()
     print(f"\n{platform.node()} ({os.cpu_count()} CPUs), load average {os.getloadavg()[0]:.1f} at the end, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {args.candidates} candidates a request, "
-          f"{args.threads} torch thread(s) per server\n")
+          f"{args.threads} torch thread(s) per server, {args.client} client\n")
     print("| bundle | clients | requests | errors | req/s | p50 ms | p99 ms | max ms | p99 / first | server mean ms "
-          "| requests / pass |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| requests / pass | server CPU ms / req | client CPU ms / req |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['bundle']} ({r['method']}) | {r['clients']} | {r['requests']} | {r['errors']} | "
               f"{r['req_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | "
-              f"{r['p99_vs_first']:.2f} | {r['server_mean_ms']:.1f} | {r['requests_per_pass']:.1f} |")
+              f"{r['p99_vs_first']:.2f} | {r['server_mean_ms']:.1f} | {r['requests_per_pass']:.1f} | "
+              f"{r['server_cpu_ms']:.2f} | {r['client_cpu_ms']:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 1 if any(r["errors"] for r in rows) else 0

@@ -39,6 +39,7 @@ This module imports nothing heavy until an app is made: the command line builds 
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -137,12 +138,13 @@ class Batcher:
 def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int = MAX_CANDIDATES,
                max_history: int = MAX_HISTORY, max_body_bytes: int = MAX_BODY_BYTES,
                torch_threads: int | None = None, batching: bool = True, max_batch_rows: int = 8192,
-               queue: str | None = None, max_queue: int = 100_000) -> Any:
+               queue: str | None = None, max_queue: int = 100_000, jit: bool = True) -> Any:
     """A FastAPI app over ``bundle`` (a :class:`~cocorec.serve.bundle.BundleScorer` or its directory).
 
     ``queue``: the near-line queue file (default ``<bundle>.queue.jsonl``, :mod:`cocorec.serve.queue`)
     where unknown and changed users are appended (at most ``max_queue`` users) for
-    ``cocorec knowledge refresh``."""
+    ``cocorec knowledge refresh``. ``jit``: run the backbone as a frozen TorchScript trace (the
+    bundles loaded from a directory here and by ``/reload``; see :class:`~cocorec.serve.bundle.BundleScorer`)."""
     import hmac
 
     from fastapi import FastAPI, HTTPException, Request
@@ -159,7 +161,7 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
         import torch
 
         torch.set_num_threads(int(torch_threads))
-    first = bundle if isinstance(bundle, BundleScorer) else BundleScorer(bundle)
+    first = bundle if isinstance(bundle, BundleScorer) else BundleScorer(bundle, jit=jit)
     live = {"scorer": first, "loaded_at": time.time()}   # swapped whole by /reload: one reference
     ScoreBody, RecommendBody = _models(max_candidates, max_history)
 
@@ -178,6 +180,7 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
     queued = Counter("cocorec_queued_users", "users appended to the refresh queue, by kind (new, changed) or "
                      "dropped (queue full)", ["kind"], registry=reg)
     routes = {"/score", "/recommend", "/healthz", "/metrics", "/reload"}
+    children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
 
     class Metrics:
         """ASGI middleware: counts and times every HTTP request (unknown paths are ``other``)."""
@@ -201,11 +204,16 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
             finally:
                 path = scope.get("path", "")
                 ep = path if path in routes else "other"
-                code = str(status[0])
-                requests.labels(ep, code).inc()
-                if status[0] >= 400:
-                    errors.labels(ep, code).inc()
-                latency.labels(ep).observe(time.perf_counter() - t0)
+                slot = (ep, status[0])
+                counted = children.get(slot)
+                if counted is None:   # the labelled series, looked up once per (endpoint, code)
+                    code = str(status[0])
+                    counted = children[slot] = (requests.labels(ep, code), errors.labels(ep, code)
+                                                if status[0] >= 400 else None, latency.labels(ep))
+                counted[0].inc()
+                if counted[1] is not None:
+                    counted[1].inc()
+                counted[2].observe(time.perf_counter() - t0)
 
     app = FastAPI(title="cocorec", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Metrics)
@@ -244,7 +252,17 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
                 raise HTTPException(400, "the body is not valid JSON") from None
             raise HTTPException(422, _reason(e)) from None
 
-    batcher = Batcher(run_in_threadpool, max_batch_rows) if batching else None
+    # One worker thread of our own runs the model passes: the event loop hands it a pass without
+    # anyio's capacity limiter and task group around every call.
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    worker = ThreadPoolExecutor(1, thread_name_prefix="cocorec-model")
+
+    async def in_worker(fn: Any, *a: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(worker, fn, *a)
+
+    batcher = Batcher(in_worker, max_batch_rows) if batching else None
     app.state.batcher = batcher
     if batcher is not None:
         Gauge("cocorec_model_passes", "passes through the model (concurrent requests share one)",
@@ -270,20 +288,26 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
                 queued.labels("dropped").inc()
         return out
 
-    @app.post("/score")
-    async def post_score(request: Request) -> dict[str, Any]:
+    def answer(body: dict[str, Any]) -> Response:
+        # serialised here, once: a returned dict would be validated against the return type and encoded
+        # again by FastAPI (jsonable_encoder) - the same JSON, at a cost per candidate
+        return Response(json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(),
+                        media_type="application/json")
+
+    @app.post("/score", response_class=Response)
+    async def post_score(request: Request) -> Response:
         req = await read(request, ScoreBody)
         out = await score(req)
-        return {"scores": out.scores, "unknown_items": out.unknown_items, "user_known": out.user_known}
+        return answer({"scores": out.scores, "unknown_items": out.unknown_items, "user_known": out.user_known})
 
-    @app.post("/recommend")
-    async def post_recommend(request: Request) -> dict[str, Any]:
+    @app.post("/recommend", response_class=Response)
+    async def post_recommend(request: Request) -> Response:
         req = await read(request, RecommendBody)
         out = await score(req)
         ranked = sorted((j for j, s in enumerate(out.scores) if s is not None), key=lambda j: -out.scores[j])
         top = ranked[:req.k]
-        return {"items": [req.items[j] for j in top], "scores": [out.scores[j] for j in top],
-                "unknown_items": out.unknown_items, "user_known": out.user_known}
+        return answer({"items": [req.items[j] for j in top], "scores": [out.scores[j] for j in top],
+                       "unknown_items": out.unknown_items, "user_known": out.user_known})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -291,8 +315,8 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
         c = scorer.config
         return {"status": "ok", "method": c["method"], "backbone": c["backbone"], "users": len(scorer.user_ids),
                 "items": len(scorer.item_ids), "knowledge": c["knowledge"], "fallback": FALLBACK,
-                "bundle_id": scorer.id, "exported_at": c.get("exported_at"), "queued_users": len(user_queue),
-                "queue": str(user_queue.path),
+                "bundle_id": scorer.id, "engine": scorer.engine, "exported_at": c.get("exported_at"),
+                "queued_users": len(user_queue), "queue": str(user_queue.path),
                 "profile_fields": {f: sorted(v) for f, v in scorer.vocab.items()},
                 "max_candidates": max_candidates}
 
@@ -306,7 +330,7 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
         path = live["scorer"].path
         for attempt in range(3):   # replaced while we read it (mixed files, or gone for an instant): again
             try:
-                new = await run_in_threadpool(BundleScorer, path)
+                new = await run_in_threadpool(BundleScorer, path, jit)
                 break
             except DataError as e:
                 if attempt == 2:
@@ -345,6 +369,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="near-line queue of unknown/changed users for 'cocorec knowledge refresh' "
                         "(default: <bundle>.queue.jsonl)")
     p.add_argument("--max-queue", type=int, default=100_000, help="most users queued at once")
+    p.add_argument("--no-jit", action="store_true",
+                   help="run the backbone eagerly (default: a frozen TorchScript trace, checked against it at load)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -358,14 +384,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cocorec.serve.bundle import BundleScorer
 
     key = args.api_key or os.environ.get("COCOREC_API_KEY") or None
-    scorer = BundleScorer(args.bundle)
+    scorer = BundleScorer(args.bundle, jit=not args.no_jit)
     app = create_app(scorer, api_key=key, max_candidates=args.max_candidates, max_history=args.max_history,
                      max_body_bytes=args.max_body_bytes, torch_threads=args.threads, batching=not args.no_batching,
-                     queue=args.queue, max_queue=args.max_queue)
+                     queue=args.queue, max_queue=args.max_queue, jit=not args.no_jit)
     if args.host not in LOOPBACK and key is None:
         print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
     print(f"serving {args.bundle} ({scorer.config['backbone']} + {scorer.method}, {len(scorer.user_ids)} users, "
-          f"{len(scorer.item_ids)} items) on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+          f"{len(scorer.item_ids)} items, {scorer.engine}) on http://{args.host}:{args.port}", file=sys.stderr,
+          flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 
