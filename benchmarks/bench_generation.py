@@ -1,20 +1,33 @@
-"""Batched vs one-at-a-time greedy generation with the real SmolLM2 (KAR-like prompts).
+"""Generation throughput: batched vs one-at-a-time (real SmolLM2, CPU), or the shapes table (CUDA).
 
-Same prompts, same settings, same LM; prints generated tokens/s for each mode and the ratio.
-Outputs should be identical (greedy, left padding), which the script checks.
+Default mode, real SmolLM2 with KAR-like prompts: same prompts, same settings, same LM; prints generated
+tokens/s for each mode and the ratio. Outputs should be identical (greedy, left padding), which the
+script checks.
+
+Shapes mode (``--device cuda``, or ``--smoke`` on a CPU): random weights at the published shapes of
+SmolLM2-135M and Qwen2.5-1.5B (``bench_lm_throughput.SHAPES``), bf16, prompts of 256 tokens, 96 new
+tokens, every row generating all 96 (no early EOS); texts/s of ``LM.generate_ids`` at batch 16, 256,
+256 with a static cache + torch.compile, 1024 and ``auto`` (sized from free GPU memory), each printed
+beside plain ``model.generate`` at batch 256 timed in the same run. ``--smoke``: a 2-layer model,
+32-token prompts, 8 new tokens, batches 2/8/8/32 (a CPU check that the script runs).
 
 Usage:
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_generation.py                # defaults below
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_generation.py --n 16 --threads 2
+    .venv/bin/python benchmarks/bench_generation.py --device cuda [--json out.json]
+    .venv/bin/python benchmarks/bench_generation.py --smoke --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -54,8 +67,122 @@ def kar_prompt(rng: random.Random) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+# ------------------------------------------------------------------------------ shapes mode
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def shape_lm(shape: str, device: torch.device, smoke: bool) -> Any:
+    """An LM of random weights at a published shape (``smoke``: its first 2 layers), bf16."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_lm_throughput import SHAPES  # noqa: E402  (the published configs, one place)
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from cocorec.knowledge.lm import LM, tiny_tokenizer
+
+    kind, kw = SHAPES[shape]
+    kw = dict(kw, num_hidden_layers=2) if smoke else dict(kw)
+    cfg = (LlamaConfig if kind == "llama" else Qwen2Config)(**kw)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    return LM(model, tiny_tokenizer(), identity=f"random:{shape}{':smoke' if smoke else ''}")
+
+
+def bench_shapes(args: argparse.Namespace) -> int:
+    import transformers
+
+    device = torch.device(args.device)
+    smoke = args.smoke
+    plen, mnt = (32, 8) if smoke else (args.prompt_tokens, args.new_tokens)
+    base_bs = 8 if smoke else 256
+    runs: list[tuple[str, int | str, bool]] = (
+        [("batch 2", 2, False), ("batch 8", 8, False), ("batch 8 static+compile", 8, True), ("batch 32", 32, False),
+         ("auto", "auto", False)] if smoke else
+        [("batch 16", 16, False), ("batch 256", 256, False), ("batch 256 static+compile", 256, True),
+         ("batch 1024", 1024, False), ("auto", "auto", False)])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} CPUs)"
+    print(f"device {name}; torch {torch.__version__}, transformers {transformers.__version__}; random weights, "
+          f"bf16; prompts {plen} tokens, {mnt} new tokens each (no early stop); "
+          f"{'SMOKE: 2 layers; ' if smoke else ''}load average {os.getloadavg()[0]:.1f}", flush=True)
+    out: list[dict[str, Any]] = []
+    for shape in args.shape_names:
+        lm = shape_lm(shape, device, smoke)
+        vocab = lm.model.config.vocab_size
+        g = torch.Generator().manual_seed(0)
+        n_max = max(max(b for _, b, _ in runs if isinstance(b, int)), base_bs)
+        rows = torch.randint(100, vocab - 100, (n_max, plen), generator=g).tolist()
+        x = torch.tensor(rows[:base_bs], device=device)
+        mask = torch.ones_like(x)
+
+        lm.generate_ids(rows[:2], max_new_tokens=2, batch_size=2, stop_at_eos=False)  # warm-up: first allocations
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():  # the baseline: transformers' generate as it comes, no bucketing or sizing
+            lm.model.generate(input_ids=x, attention_mask=mask, max_new_tokens=mnt, min_new_tokens=mnt,
+                              do_sample=False, pad_token_id=0)
+        _sync(device)
+        base_s = time.perf_counter() - t0
+        base_tps = base_bs / base_s
+        print(f"\n{shape}: plain model.generate, batch {base_bs}: {base_tps:,.1f} texts/s "
+              f"({base_tps * mnt:,.0f} new tok/s)", flush=True)
+        for label, bs, static in runs:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            resolved = lm.resolve_batch_size(bs, plen if not static else -(-plen // 64) * 64, mnt)
+            n = min(len(rows), resolved * (1 if resolved >= base_bs else max(1, min(4, base_bs // resolved))))
+            rec: dict[str, Any] = {"shape": shape, "mode": label, "batch": resolved, "texts": n}
+            try:
+                compile_s = None
+                if static:  # the first call compiles: timed apart
+                    t0 = time.perf_counter()
+                    lm.generate_ids(rows[:resolved], max_new_tokens=mnt, batch_size=resolved, stop_at_eos=False,
+                                    static_cache=True)
+                    _sync(device)
+                    compile_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                new = lm.generate_ids(rows[:n], max_new_tokens=mnt, batch_size=resolved, stop_at_eos=False,
+                                      static_cache=static)
+                _sync(device)
+                dt = time.perf_counter() - t0
+                assert all(len(r) == mnt for r in new)
+                tps = n / dt
+                rec.update(texts_per_s=round(tps, 2), new_tok_per_s=round(tps * mnt), seconds=round(dt, 2),
+                           vs_plain_256=round(tps / base_tps, 2), plain_256_texts_per_s=round(base_tps, 2))
+                if compile_s is not None:
+                    rec["first_call_s"] = round(compile_s, 1)
+                if device.type == "cuda":
+                    rec["peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+                static_note = "" if not static or device.type == "cuda" else " (static cache is CUDA-only: off here)"
+                print(f"  {label:<26} batch {resolved:>5}: {tps:>9,.1f} texts/s ({tps * mnt:>10,.0f} new tok/s) "
+                      f"= {tps / base_tps:5.2f}x plain generate@{base_bs} ({base_tps:,.1f} texts/s, same run)"
+                      + (f"; first call {compile_s:.1f} s" if compile_s is not None else "")
+                      + (f"; peak {rec['peak_gb']} GB" if "peak_gb" in rec else "") + static_note, flush=True)
+            except Exception as e:  # e.g. out of memory at 1024: report, go on
+                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                print(f"  {label:<26} batch {resolved:>5}: FAILED {rec['error']}", flush=True)
+            out.append(rec)
+        lm = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__,
+                                               "transformers": transformers.__version__, "results": out}, indent=2))
+        print(f"\nwrote {args.json}")
+    return 1 if any("error" in r for r in out) else 0
+
+
+def main(argv: list[str] | None = None) -> int | None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default=None, help="cuda: the shapes table (default: the real-SmolLM2 CPU mode)")
+    ap.add_argument("--smoke", action="store_true", help="shapes mode at a reduced shape (runs on a CPU)")
+    ap.add_argument("--shape-names", nargs="*", default=None,
+                    help="of bench_lm_throughput.SHAPES (default smollm2-135m, qwen2.5-1.5b; --smoke: smollm2-135m)")
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--json", default=None, help="shapes mode: write the figures to this JSON file")
     ap.add_argument("--lm", default="smollm2")
     ap.add_argument("--n", type=int, default=32, help="number of prompts")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -67,6 +194,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" or args.smoke:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            print("error: --device cuda but CUDA is not available", file=sys.stderr)
+            return 2
+        args.device = args.device or "cpu"
+        args.shape_names = args.shape_names or (["smollm2-135m"] if args.smoke else ["smollm2-135m", "qwen2.5-1.5b"])
+        return bench_shapes(args)
     rng = random.Random(args.seed)
     prompts = [kar_prompt(rng) for _ in range(args.n)]
 
@@ -104,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
           f"load average now {os.getloadavg()[0]:.1f}")
     print(f"example output: {batched[0][:200]!r}")
     sys.stdout.flush()
+    return 0 if same == args.n else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

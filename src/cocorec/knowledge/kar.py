@@ -35,8 +35,10 @@ Example (tiny random LM + encoder; no files needed):
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -142,26 +144,36 @@ def refine_prompt(data: Any, history_part: str, reasoning: str, critique: str) -
 
 
 # ------------------------------------------------------------------------------------------ the store
+def _parameters(fn: Any) -> set[str]:
+    """Keyword names ``fn`` takes by name (an LM stand-in may take fewer than :meth:`LM.generate`)."""
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
 class KnowledgeStore:
     """Generated texts and their vectors for one (LM, encoder, settings), on disk and resumable.
 
     ``lm`` / ``encoder``: a loaded object, or a name (``"smollm2"``, a path or hub id, ``"tiny"``)
-    loaded on first use. ``log``: where progress lines go (``None``: silent); ``progress``: tqdm bars.
+    loaded on first use. ``log``: where progress lines go (``None``: silent); ``progress``: tqdm bars
+    (``None``: where stderr is a terminal).
     ``stats[kind]`` counts prompts generated now vs found in the cache.
     """
 
     def __init__(self, lm: Any = "smollm2", encoder: Any = "minilm", *, max_new_tokens: int = 64,
-                 batch_size: int = 32, item_batch_size: int = 64, root: str | Path | None = None,
-                 lm_device: str = "auto", lm_dtype: str = "float32", progress: bool = False,
+                 batch_size: int | str = 32, item_batch_size: int | str = 64, root: str | Path | None = None,
+                 lm_device: str = "auto", lm_dtype: str = "float32", progress: bool | None = False,
                  log: Callable[[str], None] | None = None) -> None:
         self._lm = lm
         self._encoder = encoder
         self.max_new_tokens = int(max_new_tokens)
-        self.batch_size = int(batch_size)
-        self.item_batch_size = int(item_batch_size)
+        # "auto": as many prompts as the free GPU memory holds (LM.resolve_batch_size); 16 on a CPU
+        self.batch_size: int | str = batch_size if batch_size == "auto" else int(batch_size)
+        self.item_batch_size: int | str = item_batch_size if item_batch_size == "auto" else int(item_batch_size)
         self.root = Path(root) if root is not None else cache_root() / "knowledge"
         self.lm_device, self.lm_dtype = lm_device, lm_dtype
-        self.progress = progress
+        self.progress = bool(sys.stderr.isatty()) if progress is None else bool(progress)
         self.log = log
         self.stats: dict[str, dict[str, int]] = {}
         self.seconds: dict[str, float] = {}
@@ -253,25 +265,45 @@ class KnowledgeStore:
         st = self.stats.setdefault(kind, {"generated": 0, "cached": 0})
         st["cached"] += len(by_key) - len(missing)
         if missing:
-            bs = int(batch_size or (self.item_batch_size if kind == "item" else self.batch_size))
-            # Longest first: similar lengths share a batch, and the first timing is an upper bound.
-            missing.sort(key=lambda k: -len(by_key[k]))
+            lm, system = self.lm, system or P.SYSTEM
+            # Longest first by token count (the LM's own bucketing, here across the whole call): prompts of
+            # one length share a batch, so little padding (measured on ml-100k's user prompts at batch 32:
+            # 1.9% of prefill tokens, 5.6% when sorted by characters), and the first timing is an upper bound.
+            length = {k: len(by_key[k]) for k in missing}
+            if callable(getattr(lm, "prompt_ids", None)):
+                ids, _ = lm.prompt_ids([by_key[k] for k in missing], system, self.max_new_tokens)
+                length = {k: len(r) for k, r in zip(missing, ids)}
+            missing.sort(key=lambda k: -length[k])
+            bs = batch_size or (self.item_batch_size if kind == "item" else self.batch_size)
+            if bs == "auto" and callable(getattr(lm, "resolve_batch_size", None)):
+                bs = lm.resolve_batch_size("auto", length[missing[0]], self.max_new_tokens)
+            bs = 16 if bs == "auto" else int(bs)
             n_batches = math.ceil(len(missing) / bs)
             self._say(f"{kind}: generating {len(missing)} of {len(by_key)} texts "
                       f"({len(by_key) - len(missing)} cached) in {n_batches} batches of {bs}")
             from tqdm.auto import tqdm
 
+            # The bar moves per new token (LM.generate's on_progress), so its ETA shows during the first batch.
+            per_token = "on_progress" in _parameters(lm.generate)
             t_all = time.perf_counter()
+            fmt = "{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}]"  # texts done, fractions within a batch
             with tqdm(total=len(missing), desc=f"generate {kind}", unit="text", disable=not self.progress,
-                      dynamic_ncols=True) as bar:
+                      dynamic_ncols=True, bar_format=fmt) as bar:
                 for b in range(n_batches):
                     chunk = missing[b * bs:(b + 1) * bs]
                     t0 = time.perf_counter()
-                    outs = self.lm.generate([by_key[k] for k in chunk], max_new_tokens=self.max_new_tokens,
-                                            batch_size=bs, system=system or P.SYSTEM)
+                    moved = [0.0]
+
+                    def step(x: float, moved: list[float] = moved) -> None:
+                        moved[0] += x
+                        bar.update(min(x, bar.total - bar.n))  # float sums may pass the total by 1e-15
+
+                    kw: dict[str, Any] = {"on_progress": step} if per_token else {}
+                    outs = lm.generate([by_key[k] for k in chunk], max_new_tokens=self.max_new_tokens,
+                                       batch_size=bs, system=system, **kw)
                     cache.put_many(dict(zip(chunk, outs)))  # flushed now: a kill keeps this batch
                     st["generated"] += len(chunk)
-                    bar.update(len(chunk))
+                    bar.update(max(0.0, min(len(chunk) - moved[0], bar.total - bar.n)))
                     if b == 0 and n_batches > 1:
                         dt = time.perf_counter() - t0
                         self._say(f"{kind}: first batch took {dt:.1f} s -> estimate <= "
@@ -396,7 +428,7 @@ class KarMethod(KnowledgeMethod):
         self._info: dict[str, Any] = {}
 
     # -- knowledge -----------------------------------------------------------------------------
-    def store(self, log: Callable[[str], None] | None = None, progress: bool = False) -> KnowledgeStore:
+    def store(self, log: Callable[[str], None] | None = None, progress: bool | None = False) -> KnowledgeStore:
         c = self.cfg
         return KnowledgeStore(c["lm"], c["encoder"], max_new_tokens=c["max_new_tokens"], batch_size=c["batch_size"],
                               item_batch_size=c["item_batch_size"], lm_device=c["lm_device"],
@@ -417,7 +449,7 @@ class KarMethod(KnowledgeMethod):
     def prepare(self, data: Any, output_dir: Path | None = None) -> None:
         """Load (or generate) the knowledge of every user and item, encode it, keep the vectors as buffers."""
         t0 = time.perf_counter()
-        store = self.store(log=print)
+        store = self.store(log=print, progress=None)  # bars with an ETA in a terminal; log lines alone elsewhere
         dim = self.hea.in_dim
         empty = np.zeros((0, dim), np.float32)  # a field not used is never generated
         u = self._source_user_vectors(store, data) if "user" in self.fields else empty

@@ -49,8 +49,10 @@ __all__ = [
     "LM",
     "LMConfig",
     "LMError",
+    "auto_batch_size",
     "cache_from_kv",
     "cache_kwarg_name",
+    "kv_bytes_per_token",
     "kv_from_cache",
     "load_lm",
     "locate_package_dir",
@@ -82,6 +84,9 @@ class LMConfig:
 
     ``max_input_tokens``: longest prompt (chat template included) given to the LM; longer prompt
     bodies keep their last tokens. Default: the model's context minus ``max_new_tokens``.
+    ``batch_size``: prompts per generation batch, or ``"auto"``: on CUDA as many as the free GPU
+    memory holds (:func:`auto_batch_size`), on a CPU 16. ``static_cache``: on CUDA, decode with a
+    static KV cache, which transformers compiles with ``torch.compile`` (ignored on a CPU).
 
     Example:
         >>> LMConfig(name_or_path="/models/qwen2.5-0.5b", device="cuda").dtype
@@ -92,8 +97,9 @@ class LMConfig:
     device: str = "auto"
     dtype: str = "auto"
     max_new_tokens: int = 96
-    batch_size: int = 16
+    batch_size: int | str = 16
     max_input_tokens: int | None = None
+    static_cache: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,6 +255,75 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# Sizing generation batches to the device's memory
+
+#: Prompts per batch when ``batch_size="auto"`` on a CPU (compute-bound: memory is not the limit).
+CPU_AUTO_BATCH = 16
+
+
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def kv_bytes_per_token(config: Any, dtype_bytes: int = 2) -> int:
+    """Bytes of K and V per token over all layers: ``layers x 2 x kv_heads x head_dim x dtype_bytes``.
+
+    Example (SmolLM2-135M: 30 layers, 3 KV heads of 64; bf16):
+        >>> from transformers import LlamaConfig
+        >>> kv_bytes_per_token(LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+        ...                                num_key_value_heads=3), dtype_bytes=2)
+        23040
+    """
+    c = _text_config(config)
+    heads = int(c.num_attention_heads)
+    kv_heads = int(getattr(c, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // heads)
+    return int(c.num_hidden_layers) * 2 * kv_heads * head_dim * int(dtype_bytes)
+
+
+def auto_batch_size(config: Any, prompt_tokens: int, new_tokens: int, free_bytes: int, *, dtype_bytes: int = 2,
+                    fraction: float = 0.8, max_batch: int = 1024) -> int:
+    """Most prompts of ``prompt_tokens`` (+ ``new_tokens``) one generation batch can hold in ``free_bytes``.
+
+    Per prompt: the KV cache of every prompt and new token (:func:`kv_bytes_per_token`), plus the prefill's
+    transient activations (a few hidden-size and MLP-width tensors per prompt token, one layer's
+    attention scores, fp32 logits over the vocabulary). ``fraction`` of the free memory is used (the
+    allocator fragments); the result is in ``[1, max_batch]``, a multiple of 8 when over 8.
+
+    Example (SmolLM2-135M shape, 256 + 96 tokens, 40 GB free):
+        >>> from transformers import LlamaConfig
+        >>> cfg = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        ...                   intermediate_size=1536, vocab_size=49152)
+        >>> auto_batch_size(cfg, 256, 96, free_bytes=40 * 2**30)
+        1024
+        >>> auto_batch_size(cfg, 256, 96, free_bytes=2 * 2**30)
+        128
+    """
+    c = _text_config(config)
+    t = int(prompt_tokens)
+    kv = kv_bytes_per_token(c, dtype_bytes) * (t + int(new_tokens))
+    act = t * (4 * int(c.hidden_size) + 3 * int(getattr(c, "intermediate_size", 4 * c.hidden_size))) * dtype_bytes
+    scores = int(c.num_attention_heads) * t * t * dtype_bytes
+    logits = 2 * int(c.vocab_size) * 4
+    per_row = kv + act + scores + logits
+    n = int(free_bytes * fraction) // max(per_row, 1)
+    n = max(1, min(int(max_batch), n))
+    return n - n % 8 if n > 8 else n
+
+
+def _step_hook(fn: Any) -> Any:
+    """A stopping criterion that never stops: ``generate`` calls it once per new token (prefill included)."""
+    from transformers import StoppingCriteria
+
+    class StepHook(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+            fn()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StepHook()
+
+
+# ----------------------------------------------------------------------------------------------
 # The LM
 
 
@@ -271,8 +346,9 @@ class LM:
         *,
         identity: str,
         max_new_tokens: int = 96,
-        batch_size: int = 16,
+        batch_size: int | str = 16,
         max_input_tokens: int | None = None,
+        static_cache: bool = False,
     ):
         self.model = model.eval()
         self.model.requires_grad_(False)  # knowledge methods add trainable adapters on top
@@ -294,6 +370,7 @@ class LM:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.max_input_tokens = max_input_tokens
+        self.static_cache = static_cache
 
     def __repr__(self) -> str:
         return (f"LM({self.identity!r}, device={self.device}, hidden_size={self.hidden_size}, "
@@ -431,8 +508,8 @@ class LM:
                 ids.append(int(e))
         return ids
 
-    def _left_pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
+    def _left_pad(self, rows: Sequence[Sequence[int]], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(max(len(r) for r in rows), width or 0)
         input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for j, r in enumerate(rows):
@@ -440,13 +517,122 @@ class LM:
             mask[j, width - len(r):] = 1
         return input_ids.to(self.device), mask.to(self.device)
 
+    def resolve_batch_size(self, batch_size: int | str | None, prompt_tokens: int, new_tokens: int) -> int:
+        """Prompts per batch: ``batch_size`` (``None``/0: the LM's own), or for ``"auto"`` what the free
+        CUDA memory holds at ``prompt_tokens`` + ``new_tokens`` (:func:`auto_batch_size`), 16 on a CPU.
+
+        Example:
+            >>> tiny_lm().resolve_batch_size("auto", 256, 96)
+            16
+        """
+        bs = batch_size or self.batch_size
+        if isinstance(bs, str):
+            if bs != "auto":
+                raise LMError(f"batch_size must be a positive integer or 'auto', got {bs!r}")
+            if self.device.type != "cuda":
+                return CPU_AUTO_BATCH
+            free, _ = torch.cuda.mem_get_info(self.device)
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            return auto_batch_size(self.model.config, prompt_tokens, new_tokens, free,
+                                   dtype_bytes=self.dtype.itemsize)
+        return max(1, int(bs))
+
+    def generate_ids(self, rows: Sequence[Sequence[int]], *, max_new_tokens: int | None = None,
+                     batch_size: int | str | None = None, stop_at_eos: bool = True, static_cache: bool | None = None,
+                     on_batch: Any = None, on_progress: Any = None) -> list[list[int]]:
+        """Greedy continuations of token-id prompts: the new token ids of each row, in input order.
+
+        Rows are bucketed by length (longest first: neighbours share a batch, so little padding, and
+        the memory peak comes first) and run in left-padded batches, which give the one-row-at-a-time
+        greedy result. A row's ids stop before its first EOS; ``stop_at_eos=False`` generates exactly
+        ``max_new_tokens`` for every row (benchmarks). ``batch_size``: see :meth:`resolve_batch_size`
+        (one size for the call, from the longest row). ``static_cache`` (default the LM's): on CUDA a
+        static KV cache, compiled by transformers; prompts are then padded to a multiple of 64 tokens
+        so few shapes compile. ``on_batch(indices, new_ids)`` runs after each batch (input indices);
+        ``on_progress(texts)`` gets fractional prompts done, per new token (the prefill counted as
+        its share of the batch's tokens), so a progress bar moves and estimates inside a batch.
+
+        Example:
+            >>> lm = tiny_lm()
+            >>> rows = [[5, 6, 7], [8], [9, 10]]
+            >>> lm.generate_ids(rows, max_new_tokens=3, batch_size=2) == [
+            ...     lm.generate_ids([r], max_new_tokens=3)[0] for r in rows]
+            True
+        """
+        rows = [list(r) for r in rows]
+        if not rows:
+            return []
+        if any(not r for r in rows):
+            raise LMError("generate_ids: an empty prompt (no token ids)")
+        mnt = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        static = bool(self.static_cache if static_cache is None else static_cache) and self.device.type == "cuda"
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        longest = len(rows[order[0]])
+        bs = self.resolve_batch_size(batch_size, -(-longest // 64) * 64 if static else longest, mnt)
+        eos = self._eos_ids()
+        out: list[list[int]] = [[] for _ in rows]
+        for start in range(0, len(order), bs):
+            idx = order[start:start + bs]
+            new = self._generate_batch([rows[i] for i in idx], mnt, eos, stop_at_eos, static, on_progress)
+            for i, r in zip(idx, new):
+                out[i] = r
+            if on_batch is not None:
+                on_batch(idx, new)
+        return out
+
+    def _generate_batch(self, rows: list[list[int]], mnt: int, eos: list[int], stop_at_eos: bool, static: bool,
+                        on_progress: Any) -> list[list[int]]:
+        width = max(len(r) for r in rows)
+        input_ids, mask = self._left_pad(rows, -(-width // 64) * 64 if static else None)
+        kw: dict[str, Any] = {}
+        if static:
+            kw["cache_implementation"] = "static"
+        if not stop_at_eos:
+            kw["min_new_tokens"] = mnt
+        n = len(rows)
+        done = [0.0]
+        if on_progress is not None and mnt > 0:
+            # Prefill's share of the batch: its tokens against the new ones, a new token costing about
+            # 1.5 prompt tokens on a CPU (compute-bound) and far more on a GPU (launch-bound).
+            per_new = 1.5 if self.device.type == "cpu" else 20.0
+            prefill = n * input_ids.shape[1] / (input_ids.shape[1] + per_new * mnt)
+            step = (n - prefill) / mnt
+            calls = [0]
+
+            def tick() -> None:
+                calls[0] += 1
+                inc = step + (prefill if calls[0] == 1 else 0.0)
+                if calls[0] <= mnt:
+                    done[0] += inc
+                    on_progress(inc)
+
+            from transformers import StoppingCriteriaList
+
+            kw["stopping_criteria"] = StoppingCriteriaList([_step_hook(tick)])
+        with torch.inference_mode():
+            seqs = self.model.generate(
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=mnt, do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos, **kw,
+            )
+        if on_progress is not None and n - done[0] > 1e-9:
+            on_progress(n - done[0])  # rows that all stopped early: the rest of the batch at once
+        stop = set(eos) if stop_at_eos else set()
+        out: list[list[int]] = []
+        for row in seqs[:, input_ids.shape[1]:].tolist():
+            cut = next((j for j, t in enumerate(row) if t in stop), len(row))
+            out.append(row[:cut])
+        return out
+
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int | None = None,
-                 batch_size: int | None = None, system: str | None = None, progress: bool = False) -> list[str]:
+                 batch_size: int | str | None = None, system: str | None = None, progress: bool = False,
+                 on_batch: Any = None, on_progress: Any = None, static_cache: bool | None = None) -> list[str]:
         """Greedy chat completions of ``prompts`` (one user message each), in input order.
 
-        Prompts are sorted by length and run in left-padded batches of ``batch_size``; only the new
-        text is returned, stripped. Over-long prompts are truncated (see :meth:`prompt_ids`) with
-        one warning giving the count.
+        Prompts are bucketed by token length and run in left-padded batches of ``batch_size``
+        (:meth:`generate_ids`); only the new text is returned, stripped. Over-long prompts are
+        truncated (see :meth:`prompt_ids`) with one warning giving the count. ``progress``: a tqdm
+        bar that moves per new token; ``on_batch(indices, texts)`` after each batch (e.g. to flush a
+        cache); ``on_progress``, ``static_cache``: as in :meth:`generate_ids`.
 
         Example:
             >>> lm = tiny_lm()
@@ -462,30 +648,29 @@ class LM:
         if not prompts:
             return []
         mnt = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        bs = max(1, batch_size or self.batch_size)
         ids, n_truncated = self.prompt_ids(prompts, system, mnt)
         if n_truncated:
             warnings.warn(
                 f"generate: {n_truncated} of {len(prompts)} prompts exceed {self.input_budget(mnt)} input tokens; "
                 "kept the last tokens of each prompt body", stacklevel=2)
-        # Longest first: similar lengths share a batch (little padding) and memory peaks show up at once.
-        order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
-        out = [""] * len(prompts)
-        eos = self._eos_ids()
-        with tqdm(total=len(prompts), unit="prompt", desc="generate", disable=not progress) as bar:
-            for start in range(0, len(order), bs):
-                idx = order[start:start + bs]
-                input_ids, mask = self._left_pad([ids[i] for i in idx])
-                with torch.inference_mode():
-                    seqs = self.model.generate(
-                        input_ids=input_ids, attention_mask=mask, max_new_tokens=mnt, do_sample=False,
-                        pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos,
-                    )
-                texts = self.tokenizer.batch_decode(seqs[:, input_ids.shape[1]:], skip_special_tokens=True)
-                for i, t in zip(idx, texts):
-                    out[i] = t.strip()
-                bar.update(len(idx))
-        return out
+
+        def texts_of(new: list[list[int]]) -> list[str]:
+            return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+        with tqdm(total=len(prompts), unit="prompt", desc="generate", disable=not progress, dynamic_ncols=True,
+                  bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}]") as bar:
+            def moved(x: float) -> None:
+                bar.update(min(x, bar.total - bar.n))  # float sums may pass the total by 1e-15
+                if on_progress is not None:
+                    on_progress(x)
+
+            def batch_done(idx: list[int], new: list[list[int]]) -> None:
+                if on_batch is not None:
+                    on_batch(idx, texts_of(new))
+
+            new = self.generate_ids(ids, max_new_tokens=mnt, batch_size=batch_size, static_cache=static_cache,
+                                    on_batch=batch_done, on_progress=moved)
+        return texts_of(new)
 
     # -- embeddings and hidden states (CoCo) ----------------------------------------------------
 
@@ -634,7 +819,7 @@ def _load_dir(model_dir: Path, identity: str, cfg: LMConfig) -> LM:
         raise LMError(f"{model_dir}: cannot load model ({_one_line(e)})") from e
     model = model.to(device)
     return LM(model, tok, identity=identity, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-              max_input_tokens=cfg.max_input_tokens)
+              max_input_tokens=cfg.max_input_tokens, static_cache=cfg.static_cache)
 
 
 def load_lm(cfg: LMConfig | str | None = None) -> LM:
