@@ -21,6 +21,12 @@ change; a directory with httptools and uvloop, which uvicorn then uses instead o
 
     python benchmarks/bench_serve.py --bundle base=bundles/din-base --bundle coco=bundles/din-coco
     python benchmarks/bench_serve.py --bundle before=B --bundle after=B --pythonpath before=/tmp/old/src
+
+``--refresh-users N``: then, on a copy of the first bundle served by its own process, queue N new users
+(a random profile and a 20-item rated history each) and keep ``max(--clients)`` clients scoring (every
+fourth request one of the new users) while ``cocorec knowledge refresh --bundle COPY --reload URL`` runs
+with the run's LM: prints the requests and errors during the refresh, its wall time, and how the new
+users were answered (fallback before the swap, known after). ``--clients ''`` skips the levels.
 """
 
 from __future__ import annotations
@@ -31,9 +37,12 @@ import json
 import os
 import platform
 import random
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -169,6 +178,81 @@ async def load(url: str, reqs: list[bytes], clients: int, max_seconds: float) ->
     return lat, errors, wall
 
 
+def refresh_under_load(bundle: str, clients: int, n_new: int, candidates: int, threads: int,
+                       seed: int = 0) -> dict:
+    """See the module: a knowledge refresh of ``n_new`` queued users under load, on a copy of ``bundle``."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-refresh-"))
+    copy = tmp / "bundle"
+    shutil.copytree(bundle, copy)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(str(copy), port, threads, tmp / "server.log")
+    try:
+        info = wait_ready(url, proc)
+        ids = json.loads((copy / "ids.json").read_text())
+        rng = random.Random(seed)
+        k = min(candidates, len(ids["items"]))
+        new = [{"user": f"bench-new-{seed}-{j}", "items": rng.sample(ids["items"], k),
+                "profile": {f: rng.choice(v) for f, v in info["profile_fields"].items() if v},
+                "history": [{"item": i, "rating": rng.randint(1, 5)} for i in rng.sample(ids["items"], 20)]}
+               for j in range(n_new)]
+        for body in new:   # queued now, with their profile and history
+            assert httpx.post(f"{url}/score", json=body, timeout=30).json()["user_known"] is False
+        known = [{"user": rng.choice(ids["users"]), "items": rng.sample(ids["items"], k)} for _ in range(200)]
+        mixed = [new[j % n_new] if j % 4 == 3 else known[j] for j in range(len(known))]
+        stop = threading.Event()
+        seen: list[tuple[bool, int, bool | None, float]] = []   # (new user, status, user_known, seconds)
+
+        async def go() -> None:
+            async with httpx.AsyncClient(base_url=url, timeout=60.0) as client:
+                async def worker(w: int) -> None:
+                    j = w
+                    while not stop.is_set():
+                        body = mixed[j % len(mixed)]
+                        j += clients
+                        t0 = time.perf_counter()
+                        try:
+                            r = await client.post("/score", json=body)
+                            seen.append((body in new, r.status_code, r.json().get("user_known"),
+                                         time.perf_counter() - t0))
+                        except httpx.HTTPError:
+                            seen.append((body in new, 0, None, time.perf_counter() - t0))
+                await asyncio.gather(*(worker(w) for w in range(clients)))
+
+        loader = threading.Thread(target=lambda: asyncio.run(go()))
+        loader.start()
+        time.sleep(2.0)
+        t0 = time.perf_counter()
+        ref = subprocess.run([sys.executable, "-m", "cocorec.cli", "knowledge", "refresh", "--bundle", str(copy),
+                              "--reload", url], capture_output=True, text=True)
+        refresh_s = time.perf_counter() - t0
+        time.sleep(2.0)
+        stop.set()
+        loader.join(120)
+        after = [httpx.post(f"{url}/score", json=body, timeout=30).json()["user_known"] for body in new]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    ms = np.array([x[3] for x in seen]) * 1e3
+    out = {"clients": clients, "new_users": n_new, "requests": len(seen), "errors": sum(x[1] != 200 for x in seen),
+           "refresh_rc": ref.returncode, "refresh_seconds": refresh_s,
+           "new_answered_fallback": sum(x[0] and x[2] is False for x in seen),
+           "new_answered_known": sum(x[0] and x[2] is True for x in seen),
+           "known_after": sum(after), "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+           "refresh_tail": (ref.stdout + ref.stderr).strip().splitlines()[-2:]}
+    print(f"refresh under load: {out['requests']} requests, {out['errors']} errors; refresh of {n_new} users "
+          f"rc={ref.returncode} in {refresh_s:.1f} s; new users answered {out['new_answered_fallback']}x with the "
+          f"fallback, {out['new_answered_known']}x known; {out['known_after']}/{n_new} known after; "
+          f"p50={out['p50_ms']:.1f} ms p99={out['p99_ms']:.1f} ms ({clients} clients)", flush=True)
+    for line in out["refresh_tail"]:
+        print(f"  refresh: {line}")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", action="append", required=True, help="NAME=DIR (repeat; the first is the reference)")
@@ -184,11 +268,13 @@ def main() -> int:
                     help="NAME=DIR: first on the PYTHONPATH of that bundle's server (other code, side by side)")
     ap.add_argument("--client", choices=["httpx", "raw"], default="httpx",
                     help="httpx.AsyncClient, or a minimal keep-alive HTTP/1.1 client on asyncio streams")
+    ap.add_argument("--refresh-users", type=int, default=0,
+                    help="then: a refresh of this many queued users under load (on a copy of the first bundle)")
     args = ap.parse_args()
     named = [b.split("=", 1) for b in args.bundle]
     paths = dict(x.split("=", 1) for x in args.pythonpath)
     run_load = raw_load if args.client == "raw" else load
-    levels = [int(c) for c in args.clients.split(",")]
+    levels = [int(c) for c in args.clients.split(",") if c.strip()]
     logdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-serve-{os.getpid()}"
     logdir.mkdir(parents=True, exist_ok=True)
     procs, urls = {}, {}
@@ -257,9 +343,14 @@ def main() -> int:
               f"{r['req_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | "
               f"{r['p99_vs_first']:.2f} | {r['server_mean_ms']:.1f} | {r['requests_per_pass']:.1f} | "
               f"{r['server_cpu_ms']:.2f} | {r['client_cpu_ms']:.2f} |")
+    refresh = None
+    if args.refresh_users:
+        refresh = refresh_under_load(named[0][1], max(levels or [8]), args.refresh_users, args.candidates,
+                                     args.threads)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
-    return 1 if any(r["errors"] for r in rows) else 0
+        Path(args.json).write_text(json.dumps({"levels": rows, "refresh": refresh}, indent=2))
+    bad = any(r["errors"] for r in rows) or (refresh is not None and (refresh["errors"] or refresh["refresh_rc"]))
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

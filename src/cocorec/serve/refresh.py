@@ -198,6 +198,8 @@ def prepare_users(method: Any, data: Any, users: list[int], n_known: int,
         uv[:n_known] = old[:n_known]
         uv[torch.tensor(users)] = torch.from_numpy(np.ascontiguousarray(vec, np.float32))
         method.load_checkpoint_state({"user_vec": uv, "item_vec": method.item_vec.detach().cpu()})
+        if log is not None and store.seconds:
+            log("LM and encoder: " + ", ".join(f"{k} {v:.1f} s" for k, v in store.seconds.items()))
         store.release()
     elif method.name == "field":
         method.prepare(data)   # the source's vectors of every user, z-scored by the training users (unchanged)
@@ -271,15 +273,26 @@ def refresh_bundle(bundle_dir: str | Path, *, run: str | Path | None = None, que
         for uid, e in entries.items():
             requested[uid] = {"profile": dict(e.get("profile") or {}), "history": list(e.get("history") or [])}
         say(f"{len(entries)} queued users ({sum(u not in b.user_index for u in entries)} new); loading {run_dir} ...")
+        stages: dict[str, float] = {}
+        mark = [time.perf_counter()]
+
+        def stage(name: str) -> None:
+            now = time.perf_counter()
+            stages[name] = round(now - mark[0], 2)
+            mark[0] = now
+
         data = run_data(run_dir, data_dir=data_dir, dataset=dataset)
         if b.config.get("data_key") and data.key != b.config["data_key"]:
             raise DataError(f"{bpath}: exported from other data than {run_dir}'s (key {b.config['data_key']} != "
                             f"{data.key})")
         ext, index = extend_data(data, b, requested)
         targets = [index[u] for u in entries]
+        stage("data")
         scorer = load_scorer(run_dir, data=ext)   # the method built on the extended data (CoCo: prepare)
+        stage("method")
         method = scorer.method
         prepare_users(method, ext, targets, data.n_users, say)
+        stage("texts")
         keys = [k["key"] for k in b.config["knowledge"]]
         check: dict[str, Any] = {"users": 0, "max_abs_diff": 0.0}
         rows: list[Any] = [None] * len(keys)
@@ -316,6 +329,7 @@ def refresh_bundle(bundle_dir: str | Path, *, run: str | Path | None = None, que
                 t = grow(tables[f"knowledge/{j}"])
                 t[idx] = r.to(t.dtype)
                 tables[f"knowledge/{j}"] = t.contiguous()
+        stage("knowledge")
         new_id = uuid.uuid4().hex
         n_new = sum(u >= len(b.user_ids) for u in targets)
         cfg = dict(b.config)
@@ -339,11 +353,13 @@ def refresh_bundle(bundle_dir: str | Path, *, run: str | Path | None = None, que
             atomic_replace_dir(tmp, bpath)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        stage("write")
         left = consume(qpath, offset)
     out = {"users_new": n_new, "users_changed": len(targets) - n_new, "bundle_id": new_id, "previous": b.id,
-           "check": check, "queue_left": left, "seconds": round(time.perf_counter() - t0, 2)}
+           "check": check, "queue_left": left, "seconds": round(time.perf_counter() - t0, 2), "stages": stages}
     say(f"{bpath}: {n_new} new and {len(targets) - n_new} changed users with their knowledge "
-        f"({m} users in all) in {out['seconds']} s; {left} queued meanwhile")
+        f"({m} users in all) in {out['seconds']} s ({', '.join(f'{k} {v} s' for k, v in stages.items())}); "
+        f"{left} queued meanwhile")
     return out
 
 
