@@ -323,7 +323,13 @@ class Request:
 
 
 class BundleScorer:
-    """A bundle loaded for scoring: the backbone and the tables, no method and no LM."""
+    """A bundle loaded for scoring: the backbone and the tables, no method and no LM.
+
+    Constructor Args:
+        path: the bundle directory (``cocorec export``).
+        jit: run the backbone as a frozen TorchScript trace (``engine`` says which runs: ``jit``, or
+            ``eager (why)`` when the trace failed or did not give the backbone's logits on the probes).
+    """
 
     def __init__(self, path: str | Path, jit: bool = True) -> None:
         from cocorec.train.trainer import load_safetensors

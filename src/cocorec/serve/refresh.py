@@ -237,8 +237,12 @@ def _requested(bundle: Any) -> dict[str, dict[str, Any]]:
 
 def refresh_bundle(bundle_dir: str | Path, *, run: str | Path | None = None, queue: str | Path | None = None,
                    data_dir: str | None = None, dataset: str | None = None,
-                   log: Callable[[str], None] | None = print, check_users: int = 8) -> dict[str, Any]:
+                   log: Callable[[str], None] | None = print, check_users: int = 8,
+                   device: str = "cpu") -> dict[str, Any]:
     """Compute the knowledge of the queued users and write the bundle with them (see the module).
+
+    ``device``: where the backbone and a CoCo method's LM run (``auto``: cuda when there is one); KAR
+    and R4ec generate on their own ``lm_device`` setting (``auto`` by default).
 
     Returns ``{"users_new", "users_changed", "bundle_id", "previous", "seconds", "check", "queue_left"}``
     (``users_new == users_changed == 0`` and no new bundle when the queue is empty).
@@ -288,7 +292,10 @@ def refresh_bundle(bundle_dir: str | Path, *, run: str | Path | None = None, que
         ext, index = extend_data(data, b, requested)
         targets = [index[u] for u in entries]
         stage("data")
-        scorer = load_scorer(run_dir, data=ext)   # the method built on the extended data (CoCo: prepare)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        # the method built on the extended data (CoCo: prepare)
+        scorer = load_scorer(run_dir, data=ext, device=None if device == "cpu" else device)
         stage("method")
         method = scorer.method
         prepare_users(method, ext, targets, data.n_users, say)
@@ -391,6 +398,8 @@ def add_refresh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="directory holding the run's dataset (default: the run's own)")
     p.add_argument("--dataset", default=None, help="the run's dataset, if it moved")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda: where CoCo's LM runs (KAR/R4ec: their "
+                   "lm_device setting)")
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
@@ -398,7 +407,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(int(args.threads))
-    out = refresh_bundle(args.bundle, run=args.run, queue=args.queue, data_dir=args.data_dir, dataset=args.dataset)
+    out = refresh_bundle(args.bundle, run=args.run, queue=args.queue, data_dir=args.data_dir, dataset=args.dataset,
+                         device=args.device)
     if args.reload and out["bundle_id"] != out["previous"]:
         r = _reload(args.reload, args.api_key or os.environ.get("COCOREC_API_KEY") or None)
         print(f"{args.reload}: now serving {r.get('bundle_id')} ({r.get('users')} users)")

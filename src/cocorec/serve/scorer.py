@@ -242,11 +242,14 @@ def run_data(run_dir: str | Path, cfg: dict[str, Any] | None = None, data_dir: s
 
 
 def load_scorer(run_dir: str | Path, data: CTRData | None = None, data_dir: str | None = None,
-                load_data: bool = True, dataset: str | None = None) -> Scorer:
+                load_data: bool = True, dataset: str | None = None, device: str | None = None) -> Scorer:
     """Rebuild backbone and method from a run directory's checkpoint and load the weights.
 
     The data is the run's own (found from any working directory, see :func:`find_dataset`) unless
     ``data`` or ``dataset`` is given; ``data_dir`` defaults to the one the run was trained with.
+    ``device``: put the backbone there before the method is built on it (CoCo's LM and modules follow
+    it): for computing the method's knowledge on a GPU (``cocorec knowledge refresh --device``); the
+    scorer's ``score_*`` build their batches on the CPU and expect the default.
     """
     ck = Path(run_dir) / "checkpoint"
     if not (ck / "config.json").is_file() or not (ck / "model.safetensors").is_file():
@@ -272,6 +275,8 @@ def load_scorer(run_dir: str | Path, data: CTRData | None = None, data_dir: str 
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise DataError(f"{where} does not match {ck / 'model.safetensors'} ({_one_line(e)}); was config.json "
                         f"edited? restore it or retrain the run") from None
+    if device:
+        model.to(device)
     if data is None and load_data:
         data = run_data(run_dir, cfg, data_dir=data_dir, dataset=dataset)
     state = {k[7:]: v for k, v in tensors.items() if k.startswith("method/")}
