@@ -90,6 +90,32 @@ def test_a_refreshed_user_is_known_and_scored_as_the_method_scores_it(runs, tmp_
     np.testing.assert_allclose(after.score(before.user_ids[4], items).scores, known["scores"], rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("method,args", [("base", {}), ("field", {"source": "template"})])
+def test_methods_without_an_lm_refresh_too(tmp_path, method, args):
+    """``base``: a refreshed user has no knowledge to gain, so it scores as its fallback did, from its own
+    stored row now; ``field`` (template source): its vector is the method's, recomputed on the extended data."""
+    toy = write_generic(tmp_path / "toy", n_users=30, n_items=20, per_user=12, seed=4)
+    run(RunConfig(dataset=str(toy), backbone="din", method=method, seed=0, output=str(tmp_path / "run"),
+                  results=None, quiet=True, train=TrainConfig(epochs=1, batch_size=64, threads=1), method_args=args,
+                  model={"hidden_units": (16,)}))
+    export_bundle(tmp_path / "run", tmp_path / "bundle")
+    before = BundleScorer(tmp_path / "bundle")
+    items, hist, prof = before.item_ids[:9], [(before.item_ids[4], 5), (before.item_ids[8], 1)], {"gender": "M"}
+    fallback = before.score("late", items, history=hist, profile=prof).scores
+    UserQueue(default_queue_path(tmp_path / "bundle")).add("late", prof, hist)
+    assert refresh_bundle(tmp_path / "bundle", log=None)["users_new"] == 1
+    after = BundleScorer(tmp_path / "bundle")
+    got = after.score("late", items)
+    assert got.user_known is True
+    entry = {"late": {"profile": prof, "history": [list(h) for h in hist]}}
+    np.testing.assert_allclose(got.scores, _in_process(tmp_path / "run", before, entry, "late", items), rtol=0,
+                               atol=1e-5)
+    if method == "base":
+        np.testing.assert_allclose(got.scores, fallback, rtol=0, atol=1e-6)
+    else:
+        assert not np.allclose(got.scores, fallback, rtol=0, atol=1e-6)
+
+
 def test_a_second_refresh_keeps_the_users_of_the_first_and_a_changed_user_is_recomputed(runs, tmp_path):
     path = _copy(runs, "kar", tmp_path)
     b0 = BundleScorer(path)
