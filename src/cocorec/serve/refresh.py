@@ -260,7 +260,7 @@ def refresh_bundle(bundle_dir: str | Path, *, run: str | Path | None = None, que
     bpath = Path(bundle_dir)
     qpath = Path(queue) if queue else default_queue_path(bpath)
     with _refresh_lock(bpath):
-        b = BundleScorer(bpath)
+        b = BundleScorer(bpath, jit=False)   # read for its tables and ids: nothing is scored here
         entries, offset = snapshot(qpath)
         if not entries:
             say(f"{qpath}: no queued users; the bundle is unchanged")
