@@ -177,6 +177,9 @@ def train_batches(data: Any, split: str, batch_size: int, seed: int,
 
 def eval_rows(n: int) -> np.ndarray:
     """The row indices of a split of ``n`` rows this rank predicts (all of them with one process)."""
+    if 0 < n < world_size():   # a rank without a row would hold no knowledge fields to gather
+        raise DistributedError(f"a split of {n} samples cannot be shared by {world_size()} processes; "
+                               f"use at most {n}")
     lo, hi = shard(n)
     return np.arange(lo, hi)
 

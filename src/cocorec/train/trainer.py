@@ -89,6 +89,9 @@ def set_deterministic(on: bool, device: torch.device) -> None:
     if on and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(on, warn_only=True)
+    # Filling every new tensor with NaN is a debugging aid the same results do not need; it made CPU
+    # training ~7% slower.
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def resolve_device(name: str) -> torch.device:
