@@ -10,7 +10,10 @@ knowledge generation), so "cold" means cold knowledge, not a cold model conversi
     .venv/bin/python benchmarks/bench_kar_generation.py --device cuda --dtype float32 \
         --batch-size 128 --item-batch-size 256
 
-Prints one JSON line per phase and a summary with texts/s and the projection to all users and items.
+Prints one JSON line per phase and a summary with texts/s and the projection to all users and items,
+then where generation's work goes for these prompts: the prefill tokens of the batches as bucketed now
+(by token count) beside the previous order (by characters), and how many texts stopped at EOS before
+``max_new_tokens`` (the decode steps a decoder dropping finished rows would save).
 """
 
 from __future__ import annotations
@@ -25,6 +28,37 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def waste(data, users: list[int], items: list[int], args: argparse.Namespace) -> None:
+    """Padding of the prefill (bucketed by tokens vs by characters) and early stops, from token counts alone."""
+    from cocorec.knowledge.kar import KnowledgeStore, item_prompt, system_message, user_prompt
+
+    store = KnowledgeStore(args.lm, args.encoder, max_new_tokens=args.max_new_tokens, root=args.root,
+                           lm_device=args.device, lm_dtype=args.dtype)
+    lm, system = store.lm, system_message(data)
+    for kind, prompts, bs in (("user", [user_prompt(data, u) for u in users], args.batch_size),
+                              ("item", sorted({item_prompt(data, i) for i in items}), args.item_batch_size)):
+        if not prompts:
+            continue
+        ids, _ = lm.prompt_ids(prompts, system, args.max_new_tokens)
+
+        def padded(order: list[int], ids=ids, bs=bs) -> int:
+            return sum(max(len(ids[i]) for i in order[s:s + bs]) * len(order[s:s + bs])
+                       for s in range(0, len(order), bs))
+
+        real = sum(map(len, ids))
+        by_tok = padded(sorted(range(len(ids)), key=lambda i: -len(ids[i])))
+        by_chr = padded(sorted(range(len(ids)), key=lambda i: -len(prompts[i])))
+        texts = [store.cached(kind, p, system) for p in prompts]
+        n_new = [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts if t is not None]
+        early = [n for n in n_new if n < args.max_new_tokens - 1]  # re-tokenized text: +-1 token
+        saved = sum(args.max_new_tokens - n for n in early) / max(1, len(n_new) * args.max_new_tokens)
+        print(json.dumps({"kind": kind, "prompts": len(ids), "prompt_tokens": real,
+                          "prefill_tokens_by_token_length": by_tok, "prefill_tokens_by_characters": by_chr,
+                          "padding_share": [round(1 - real / by_tok, 4), round(1 - real / by_chr, 4)],
+                          "texts_stopped_early": len(early), "texts": len(n_new),
+                          "row_decode_steps_saved_if_finished_rows_dropped": round(saved, 4)}))
 
 
 def main() -> None:
@@ -55,6 +89,7 @@ def main() -> None:
     n_i = data.spec.n_items - 1 if args.limit_items is None else min(args.limit_items, data.spec.n_items - 1)
     users, items = list(range(n_u)), list(range(1, n_i + 1))
     root = Path(args.cache_dir) if args.cache_dir else Path(tempfile.mkdtemp(prefix="bench-kar-"))
+    args.root = root
 
     def once(phase: str) -> dict:
         t0 = time.perf_counter()
@@ -77,6 +112,7 @@ def main() -> None:
     try:
         cold = once("cold")
         warm = once("warm")
+        waste(data, users, items, args)
     finally:
         if not args.cache_dir:
             shutil.rmtree(root, ignore_errors=True)
