@@ -12,7 +12,7 @@ import pytest
 
 from cocorec.cli import main
 from cocorec.knowledge import kar
-from cocorec.knowledge.kar import KarMethod, KnowledgeStore
+from cocorec.knowledge.kar import KarMethod, KnowledgeStore, R4ecMethod
 from tests.conftest import write_generic
 
 from cocorec.knowledge.ray_engine import RayKnowledgeStore, planned_identity
@@ -95,16 +95,22 @@ def test_cli_engine_ray_then_training_reads_the_cache_unchanged(ray_session, tin
     d, data = tiny_data
     monkeypatch.setenv("COCOREC_CACHE", str(tmp_path / "cache"))
     args = ["knowledge", "generate", "--dataset", str(d), "--lm", "tiny", "--encoder", "tiny", "--max-new-tokens",
-            "8", "--batch-size", "2", "--item-batch-size", "3", "--quiet"]
-    assert main([*args, "--engine", "ray", "--actors", "2", "--threads", "1"]) == 0
+            "8", "--batch-size", "3", "--item-batch-size", "4", "--quiet"]
+    # r4ec: user + item texts in one job, then a job per reflect / refine step
+    assert main([*args, "--method", "r4ec", "--engine", "ray", "--actors", "2", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert f"user {data.n_users} new / 0 cached" in out and "cpu x 2 Ray actors" in out
-    m = KarMethod(lm="tiny", encoder="tiny", max_new_tokens=8, batch_size=2, item_batch_size=3)
-    m.prepare(data)   # what `cocorec train --method kar` runs: nothing left to generate or encode
-    assert m._info["texts"]["user"] == {"generated": 0, "cached": data.n_users}
-    assert m._info["texts"]["item"] == {"generated": 0, "cached": data.spec.n_items - 1}
-    assert m._info["texts"]["encode"]["generated"] == 0
-
+    assert f"reflect {data.n_users} new" in out and f"refine {data.n_users} new" in out
+    kw = dict(lm="tiny", encoder="tiny", max_new_tokens=8, batch_size=3, item_batch_size=4)
+    r4ec = R4ecMethod(**kw, rounds=1)
+    r4ec.prepare(data)   # what `cocorec train --method r4ec` runs: nothing left to generate or encode
+    texts = r4ec._info["texts"]
+    assert texts["user"] == {"generated": 0, "cached": data.n_users}
+    assert texts["item"] == {"generated": 0, "cached": data.spec.n_items - 1}
+    assert texts["refine"]["generated"] == texts["reflect"]["generated"] == texts["encode"]["generated"] == 0
+    kar = KarMethod(**kw)
+    kar.prepare(data)    # kar reads the same reasoning texts (it encodes them: the r4ec run encoded the refined ones)
+    assert kar._info["texts"]["user"] == {"generated": 0, "cached": data.n_users}
 
 def test_engine_ray_without_the_extra_is_a_one_line_error(tiny_data, monkeypatch, capsys):
     d, _ = tiny_data
