@@ -44,10 +44,11 @@ def test_deterministic_on_by_default_keeps_the_run_keys_recorded_before_it():
 
 
 def test_deterministic_kernels_change_nothing_on_the_cpu(ml100k):
-    on = _trainer(ml100k, seed=2, epochs=1, deterministic=True)
+    quick = dict(seed=2, epochs=1, max_steps_per_epoch=5, threads=1)
+    on = _trainer(ml100k, deterministic=True, **quick)
     assert torch.are_deterministic_algorithms_enabled()
     on.fit()
-    off = _trainer(ml100k, seed=2, epochs=1, deterministic=False)
+    off = _trainer(ml100k, deterministic=False, **quick)
     assert not torch.are_deterministic_algorithms_enabled()
     off.fit()
     np.testing.assert_array_equal(on.predict("test")["prob"], off.predict("test")["prob"])
