@@ -112,6 +112,7 @@ def test_coco_is_refused_under_torchrun_before_any_work(monkeypatch, capsys):
 
 
 # ----------------------------------------------------------------------------- 2 processes
+@pytest.mark.slow   # starts 2 processes per run
 def test_torchrun_two_processes_match_one_with_the_same_global_batch(toy_dir, tmp_path):
     assert main(_argv(toy_dir, tmp_path / "one", EXACT)) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -133,6 +134,7 @@ def test_torchrun_two_processes_match_one_with_the_same_global_batch(toy_dir, tm
     assert "processes" not in one["train"]["machine"]
 
 
+@pytest.mark.slow   # starts 2 processes per run
 def test_distributed_run_resumed_after_a_kill_matches_an_uninterrupted_one(toy_dir, tmp_path):
     _spawn(_argv(toy_dir, tmp_path / "full", DIN))
     full = _metrics(tmp_path / "full")
