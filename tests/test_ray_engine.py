@@ -75,18 +75,37 @@ def test_ray_texts_and_vectors_equal_the_single_process_path(ray_session, tiny_d
 
 
 @needs_ray
-def test_ray_sends_only_the_missing_prompts_and_writes_the_same_cache(ray_session, tiny_data, tmp_path):
+def test_a_killed_ray_job_keeps_its_finished_batches_and_the_rerun_sends_only_the_rest(ray_session, tiny_data,
+                                                                                       tmp_path, monkeypatch):
+    from cocorec.knowledge.cache import TextCache
+
     _, data = tiny_data
     prompts = [kar.item_prompt(data, i) for i in range(1, 8)]
     system = kar.system_message(data)
     local = KnowledgeStore("tiny", "tiny", root=tmp_path, **SETTINGS)
-    first = local.generate("item", prompts[:4], system=system)   # a run stopped after 4 of 7 texts
+    first = local.generate("item", prompts[:1], system=system)   # a single-process run stopped after 1 text
+    put_many, writes = TextCache.put_many, []
+
+    def dies_after_one_batch(self, items):
+        if writes:
+            raise KeyboardInterrupt("simulated kill of the driver")
+        writes.append(len(items))
+        put_many(self, items)
+
+    monkeypatch.setattr(TextCache, "put_many", dies_after_one_batch)
+    killed = RayKnowledgeStore("tiny", "tiny", actors=2, root=tmp_path, **SETTINGS)
+    with pytest.raises(KeyboardInterrupt):
+        killed.generate("item", prompts, system=system)   # 6 missing: 2 batches of 3, killed after the first
+    monkeypatch.undo()
+    assert writes == [3]
     store = RayKnowledgeStore("tiny", "tiny", actors=2, root=tmp_path, **SETTINGS)
     texts = store.generate("item", prompts, system=system)
-    assert store.stats["item"] == {"generated": 3, "cached": 4} and texts[:4] == first
+    assert store.stats["item"] == {"generated": 3, "cached": 4} and texts[:1] == first
     again = KnowledgeStore("tiny", "tiny", root=tmp_path, **SETTINGS)   # the single-process reader
     assert again.generate("item", prompts, system=system) == texts
     assert again.stats["item"] == {"generated": 0, "cached": 7}
+    fresh = KnowledgeStore("tiny", "tiny", root=tmp_path / "fresh", **SETTINGS)
+    assert fresh.generate("item", prompts, system=system) == texts   # = an uninterrupted single-process run
 
 
 @needs_ray
@@ -97,9 +116,9 @@ def test_cli_engine_ray_then_training_reads_the_cache_unchanged(ray_session, tin
     args = ["knowledge", "generate", "--dataset", str(d), "--lm", "tiny", "--encoder", "tiny", "--max-new-tokens",
             "8", "--batch-size", "3", "--item-batch-size", "4", "--quiet"]
     # r4ec: user + item texts in one job, then a job per reflect / refine step
-    assert main([*args, "--method", "r4ec", "--engine", "ray", "--actors", "2", "--threads", "1"]) == 0
+    assert main([*args, "--method", "r4ec", "--engine", "ray", "--actors", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert f"user {data.n_users} new / 0 cached" in out and "cpu x 2 Ray actors" in out
+    assert f"user {data.n_users} new / 0 cached" in out and "cpu x 1 Ray actors" in out
     assert f"reflect {data.n_users} new" in out and f"refine {data.n_users} new" in out
     kw = dict(lm="tiny", encoder="tiny", max_new_tokens=8, batch_size=3, item_batch_size=4)
     r4ec = R4ecMethod(**kw, rounds=1)
