@@ -16,6 +16,7 @@ Usage:
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_generation.py --n 16 --threads 2
     .venv/bin/python benchmarks/bench_generation.py --device cuda [--json out.json]
     .venv/bin/python benchmarks/bench_generation.py --smoke --threads 2
+    .venv/bin/python benchmarks/bench_generation.py --cpu-dtypes --threads 2     # fp32 / bf16 / int8 on this CPU
 """
 
 from __future__ import annotations
@@ -174,10 +175,61 @@ def bench_shapes(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in out) else 0
 
 
+# ------------------------------------------------------------------------------ CPU dtypes mode
+def bench_cpu_dtypes(args: argparse.Namespace) -> int:
+    """fp32 vs bf16 vs dynamic int8 on this CPU, one process, rounds interleaved (a busy box shifts them
+    alike): a prefill of 8 x 320 tokens and a generation of 32 x 72 + 9 tokens; then whether each
+    dtype gives the one-at-a-time greedy text when batched (8 prompts, 24 new tokens)."""
+    import copy
+    import warnings
+
+    from cocorec.knowledge.lm import LMConfig, load_lm
+
+    lm = load_lm(LMConfig(name_or_path=args.lm, device="cpu", dtype="float32"))
+    models = {"fp32": lm.model, "bf16": copy.deepcopy(lm.model).to(torch.bfloat16)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+        models["int8-dynamic"] = torch.ao.quantization.quantize_dynamic(copy.deepcopy(lm.model), {torch.nn.Linear},
+                                                                        dtype=torch.qint8)
+    g = torch.Generator().manual_seed(args.seed)
+    vocab = lm.model.config.vocab_size
+    xp = torch.randint(100, vocab - 100, (8, 320), generator=g)
+    xg = torch.randint(100, vocab - 100, (32, 72), generator=g)
+    best: dict[str, list[float]] = {k: [float("inf"), float("inf")] for k in models}
+    print(f"lm {lm.identity}; torch threads {torch.get_num_threads()}; rounds {args.rounds}", flush=True)
+    with torch.inference_mode():
+        for m in models.values():
+            m(input_ids=xp[:, :32], logits_to_keep=1)
+        for r in range(args.rounds):
+            for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
+                m = models[name]
+                t0 = time.perf_counter()
+                m(input_ids=xp, attention_mask=torch.ones_like(xp), logits_to_keep=1)
+                t1 = time.perf_counter()
+                m.generate(input_ids=xg, attention_mask=torch.ones_like(xg), max_new_tokens=9, min_new_tokens=9,
+                           do_sample=False, pad_token_id=0)
+                t2 = time.perf_counter()
+                best[name] = [min(best[name][0], t1 - t0), min(best[name][1], t2 - t1)]
+            print(f"round {r + 1}: load average {os.getloadavg()[0]:.1f}", flush=True)
+    for name, (tp, tg) in best.items():
+        print(f"{name:<13} best prefill 8x320 {tp:6.2f} s ({best['fp32'][0] / tp:4.2f}x fp32)   "
+              f"generate 32x72+9 {tg:6.2f} s ({best['fp32'][1] / tg:4.2f}x fp32)", flush=True)
+    rng = random.Random(args.seed)
+    prompts = [kar_prompt(rng)[:200] for _ in range(8)]
+    for name, m in models.items():
+        lm.model = m
+        single = [lm.generate([p], max_new_tokens=24)[0] for p in prompts]
+        batched = lm.generate(prompts, max_new_tokens=24, batch_size=8)
+        print(f"{name:<13} batched == one at a time: {sum(a == b for a, b in zip(single, batched))}/8", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int | None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=None, help="cuda: the shapes table (default: the real-SmolLM2 CPU mode)")
     ap.add_argument("--smoke", action="store_true", help="shapes mode at a reduced shape (runs on a CPU)")
+    ap.add_argument("--cpu-dtypes", action="store_true", help="fp32 vs bf16 vs int8 speed and batch invariance")
+    ap.add_argument("--rounds", type=int, default=4, help="--cpu-dtypes: interleaved rounds")
     ap.add_argument("--shape-names", nargs="*", default=None,
                     help="of bench_lm_throughput.SHAPES (default smollm2-135m, qwen2.5-1.5b; --smoke: smollm2-135m)")
     ap.add_argument("--prompt-tokens", type=int, default=256)
@@ -194,6 +246,8 @@ def main(argv: list[str] | None = None) -> int | None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_dtypes:
+        return bench_cpu_dtypes(args)
     if args.device == "cuda" or args.smoke:
         if args.device == "cuda" and not torch.cuda.is_available():
             print("error: --device cuda but CUDA is not available", file=sys.stderr)
