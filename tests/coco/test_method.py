@@ -296,3 +296,7 @@ def test_coco_run_killed_after_an_epoch_resumes_to_the_uninterrupted_run(toy_dat
     assert resumed.status == "trained"
     for split in ("val", "test", "test_no_knowledge"):
         assert resumed.metrics[split] == full[split], split
+    def val_aucs(m):
+        return [h["val_auc"] for h in m["train"]["history"]]
+
+    assert val_aucs(resumed.metrics) == val_aucs(full) and len(val_aucs(full)) == 3   # epoch 3 trains after the resume
