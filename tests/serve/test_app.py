@@ -211,43 +211,21 @@ def test_a_bundle_that_cannot_be_read_leaves_the_old_one_serving(bundle, tmp_pat
         assert 'cocorec_bundle_reloads_total{result="failed"} 1.0' in c.get("/metrics").text
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_reload_under_load_on_a_real_server_loses_no_request(bundle, tmp_path):
     """A real uvicorn process on 127.0.0.1: the bundle is exported again (--overwrite: a rename) and
     reloaded while a client keeps scoring; every request is answered, with the same scores."""
     import shutil
-    import subprocess
-    import sys
     import threading
     import time
 
     import httpx
 
     from cocorec.cli import main
+    from tests.serve.live import live_server
 
     live = tmp_path / "bundle"
     shutil.copytree(bundle.path, live)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "cocorec.cli", "serve", "--bundle", str(live), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-500:]
-            try:
-                first = httpx.get(f"{url}/healthz", timeout=1).json()
-                break
-            except httpx.HTTPError:
-                assert time.time() < deadline, "the server did not start"
-                time.sleep(0.2)
+    with live_server(live) as (url, first):
         bodies = _bodies(bundle, 10)
         want = [bundle.score(b["user"], b["items"]).scores for b in bodies]
         answers: list[tuple[int, int, object]] = []
@@ -274,9 +252,6 @@ def test_reload_under_load_on_a_real_server_loses_no_request(bundle, tmp_path):
         for t in threads:
             t.join(30)
         assert httpx.get(f"{url}/healthz").json()["bundle_id"] == r.json()["bundle_id"]
-    finally:
-        proc.terminate()
-        proc.wait(10)
     assert len(answers) >= 60 and all(code == 200 for _, code, _ in answers)
     for j, _, body in answers:
         np.testing.assert_allclose(np.array(body["scores"], float), np.array(want[j], float), rtol=0, atol=1e-6)

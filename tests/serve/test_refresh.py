@@ -195,27 +195,18 @@ def test_the_queue_is_deduplicated_bounded_survives_a_restart_and_keeps_what_cam
     assert again.ids == {"u3"}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_refresh_under_load_on_a_real_server_loses_no_request(runs, tmp_path):
     """A real uvicorn process on 127.0.0.1: clients keep scoring known users and a new one while
     ``cocorec knowledge refresh --reload URL`` computes the new user's knowledge and swaps the bundle in.
     Every request is answered; a known user's scores never move; the new user is answered either with the
     fallback (before the swap) or with its refreshed knowledge (after it), nothing in between."""
-    import subprocess
-    import sys
     import threading
     import time
 
     import httpx
 
     from cocorec.cli import main
+    from tests.serve.live import live_server
 
     path = _copy(runs, "coco", tmp_path)
     b = BundleScorer(path)
@@ -224,21 +215,8 @@ def test_refresh_under_load_on_a_real_server_loses_no_request(runs, tmp_path):
     fallback = b.score("walk-in", items, history=[(i, 5) for i in b.item_ids[2:7]], profile=new["profile"]).scores
     bodies = [x for j in range(0, 30, 3) for x in ({"user": b.user_ids[j], "items": items}, new)]
     want = {j: b.score(body["user"], items).scores for j, body in enumerate(bodies) if body is not new}
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "cocorec.cli", "serve", "--bundle", str(path), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     answers: list[tuple[int, int, dict]] = []
-    try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-500:]
-            try:
-                first = httpx.get(f"{url}/healthz", timeout=1).json()
-                break
-            except httpx.HTTPError:
-                assert time.time() < deadline, "the server did not start"
-                time.sleep(0.2)
+    with live_server(path) as (url, first):
         assert httpx.post(f"{url}/score", json=new).json()["user_known"] is False   # queued now
         stop = threading.Event()
 
@@ -261,9 +239,6 @@ def test_refresh_under_load_on_a_real_server_loses_no_request(runs, tmp_path):
             t.join(60)
         health = httpx.get(f"{url}/healthz").json()
         after = httpx.post(f"{url}/score", json=new).json()
-    finally:
-        proc.terminate()
-        proc.wait(10)
     assert health["bundle_id"] != first["bundle_id"] and health["users"] == first["users"] + 1
     assert after["user_known"] is True
     refreshed = BundleScorer(path).score("walk-in", items).scores
