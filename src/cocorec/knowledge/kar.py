@@ -277,7 +277,11 @@ class KnowledgeStore:
             bs = batch_size or (self.item_batch_size if kind == "item" else self.batch_size)
             if bs == "auto" and callable(getattr(lm, "resolve_batch_size", None)):
                 bs = lm.resolve_batch_size("auto", length[missing[0]], self.max_new_tokens)
-            bs = 16 if bs == "auto" else int(bs)
+            if bs == "auto":   # an LM without resolve_batch_size (e.g. a stand-in): the CPU default
+                from cocorec.knowledge.lm import CPU_AUTO_BATCH
+
+                bs = CPU_AUTO_BATCH
+            bs = int(bs)
             n_batches = math.ceil(len(missing) / bs)
             self._say(f"{kind}: generating {len(missing)} of {len(by_key)} texts "
                       f"({len(by_key) - len(missing)} cached) in {n_batches} batches of {bs}")
