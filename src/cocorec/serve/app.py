@@ -173,6 +173,7 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
                         buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, .5, 1.0, 2.5), registry=reg)
     lookups = Counter("cocorec_knowledge_lookups", "user knowledge: hit (stored) or fallback (unknown user)",
                       ["result"], registry=reg)
+    lookup = {True: lookups.labels("hit"), False: lookups.labels("fallback")}   # bound once, not per request
     unknown_items = Counter("cocorec_unknown_items", "candidate items the bundle does not know", registry=reg)
     user_queue = UserQueue(queue or default_queue_path(first.path), max_queue)
     Gauge("cocorec_unknown_users", "users queued for a knowledge refresh (unknown or changed)",
@@ -277,7 +278,7 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
             out = (await run_in_threadpool(scorer.score_requests, [r]))[0]
         else:
             out = await batcher.submit(scorer, r)
-        lookups.labels("hit" if out.user_known else "fallback").inc()
+        lookup[bool(out.user_known)].inc()
         if out.unknown_items:
             unknown_items.inc(len(out.unknown_items))
         if req.user is not None and (not out.user_known or changed) and req.user not in user_queue.ids:
