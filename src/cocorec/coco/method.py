@@ -579,10 +579,21 @@ class CoCo(KnowledgeMethod):
         state["judge/state"] = torch.frombuffer(bytearray(json.dumps(extra).encode()), dtype=torch.uint8)
         if getattr(self, "judge_stats", None) is not None:
             state["judge/user_counts"] = self.judge_stats.counts.clone()
+        # What a resumed run needs to draw and reset as the uninterrupted one would: the method's own
+        # generator (live users, knowledge dropout, dead-code resets) and the queries a reset draws from.
+        if hasattr(self, "_gen"):
+            state["rng/method"] = self._gen.get_state()
+        bank = getattr(self, "bank", None)
+        if self.cfg.bank == "knowledge" and bank is not None and not bank.stale(self._bank_key()):
+            state["bank/knowledge"] = bank.table.clone()   # kept across epochs, unlike prompt states
+        recent = getattr(getattr(self, "codebook", None), "_recent", None)
+        if recent is not None:
+            state["codebook/recent"] = recent.clone()
         return state
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
-        own = {k: v for k, v in state.items() if not k.startswith(("lora/", "guard/", "judge/"))}
+        extras = ("lora/", "guard/", "judge/", "rng/", "codebook/", "bank/")
+        own = {k: v for k, v in state.items() if not k.startswith(extras)}
         self.load_state_dict(own, strict=True)
         with torch.no_grad():
             for n, p in self._lora.items():
@@ -593,18 +604,27 @@ class CoCo(KnowledgeMethod):
             self._guard_loaded = state["guard/enabled"].bool()
             if self.guard is not None and len(self.guard.enabled) == len(self._guard_loaded):
                 self.guard.enabled = self._guard_loaded.to(self.device)
+        resuming = False
         if "judge/state" in state:
             extra = json.loads(bytes(state["judge/state"].cpu().numpy().tobytes()).decode())
-            if extra["scheduler"]["steps"] > self.scheduler.steps:   # resuming, not restoring the best epoch
+            resuming = extra["scheduler"]["steps"] > self.scheduler.steps   # not restoring the best epoch
+            if resuming:
                 self.scheduler.load(extra["scheduler"])
                 self.n_lora_updates = extra["n_lora_updates"]
                 self.rate_by_epoch = extra["rate_by_epoch"]
                 if "judge/user_counts" in state:
                     self.judge_stats = UserJudgeStats.from_counts(state["judge/user_counts"])
+                if "rng/method" in state:
+                    self._gen.set_state(state["rng/method"].cpu())
+                if "codebook/recent" in state:
+                    self.codebook._recent = state["codebook/recent"].cpu().float()
             if extra.get("guard_report") and self.guard is not None:
                 self.guard.report = extra["guard_report"]
         if getattr(self, "bank", None) is not None:
             self.bank.invalidate()    # weights changed: the bank is refreshed at the next training step
+            if resuming and "bank/knowledge" in state:
+                self.bank.put(torch.arange(len(self.bank)), state["bank/knowledge"])
+                self.bank.mark(self._bank_key())
 
     # ------------------------------------------------------------------ reporting
     @torch.no_grad()
