@@ -78,6 +78,16 @@ def test_versions_rebuild_only_stale_users(lm):
     assert cache.users_built == 4
 
 
+def test_a_build_shows_a_bar_in_tokens_with_an_eta(lm, capsys):
+    cache = UserTextKVCache.from_texts(lm, TEXTS, dtype="float32", progress=True, batch_tokens=16)
+    cache.ensure(range(len(TEXTS)))
+    err = capsys.readouterr().err
+    tokens = int(cache.lengths.sum())
+    assert f"user-text KV ({len(TEXTS)} users)" in err and f"{tokens}/{tokens}" in err and "<" in err   # ETA field
+    UserTextKVCache.from_texts(lm, TEXTS, dtype="float32", progress=False).ensure(range(len(TEXTS)))
+    assert capsys.readouterr().err == ""
+
+
 def test_bytes_per_token_matches_design():
     # DESIGN 7: ~11.8 MB per SmolLM2 user at 256 tokens in fp32.
     assert kv_bytes_per_token(30, 3, 64, 4) * 256 == 11_796_480

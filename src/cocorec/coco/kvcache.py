@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -55,6 +56,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from cocorec.config import ConfigError
 from cocorec.knowledge.lm import LM, cache_from_kv, kv_from_cache, resolve_dtype
@@ -267,7 +269,8 @@ class UserTextKVCache:
 
     def __init__(self, lm: LM, token_ids: Sequence[Sequence[int]], *, dtype: str | torch.dtype = "bf16",
                  storage: str = "auto", directory: str | Path | None = None, memory_limit_gb: float = 2.0,
-                 keep_hidden: bool = True, batch_tokens: int = 4096, shared_dir: str | Path | None = None) -> None:
+                 keep_hidden: bool = True, batch_tokens: int = 4096, shared_dir: str | Path | None = None,
+                 progress: bool | None = None) -> None:
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES} (got {storage!r})")
         self.lm = lm
@@ -279,6 +282,7 @@ class UserTextKVCache:
         self.dtype = _storage_dtype(dtype)
         self.keep_hidden = keep_hidden
         self.batch_tokens = batch_tokens
+        self.progress = sys.stderr.isatty() if progress is None else progress   # a bar with an ETA in a terminal
         # Shapes from a one-token pass (works for any architecture the LM runtime supports).
         with torch.no_grad():
             probe = lm.embed_tokens(torch.tensor([[self.token_ids[0][0]]], device=lm.device))
@@ -408,6 +412,9 @@ class UserTextKVCache:
             return 0
         t0 = time.perf_counter()
         todo = todo[np.argsort(-self.lengths[todo], kind="stable")]   # similar lengths share a batch
+        # tokens, not users, measure the work: the longest texts come first, so a per-user ETA would lie
+        bar = tqdm(total=int(self.lengths[todo].sum()), unit="tok", unit_scale=True, dynamic_ncols=True,
+                   desc=f"user-text KV ({len(todo)} users)", disable=not self.progress or len(todo) < 2)
         i = 0
         while i < len(todo):
             n = max(1, self.batch_tokens // int(self.lengths[todo[i]]))
@@ -432,6 +439,8 @@ class UserTextKVCache:
             slot.version[chunk] = vid
             if isinstance(slot, _SharedSlot):
                 slot.mark(chunk)
+            bar.update(int(self.lengths[chunk].sum()))
+        bar.close()
         self.build_seconds += time.perf_counter() - t0
         self.users_built += len(todo)
         return len(todo)
