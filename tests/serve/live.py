@@ -18,13 +18,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(bundle: Path, start_timeout: float = 60.0) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Start ``cocorec serve --bundle BUNDLE`` on a free port; yield ``(url, first /healthz answer)``; stop it."""
+def live_server(bundle: Path, *args: str, start_timeout: float = 60.0) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Start ``cocorec serve --bundle BUNDLE [ARGS]`` on a free port; yield ``(url, first /healthz answer)``;
+    stop it (with ``--workers N``: the main process, which stops its workers)."""
     import httpx
 
     url = f"http://127.0.0.1:{free_port()}"
     proc = subprocess.Popen([sys.executable, "-m", "cocorec.cli", "serve", "--bundle", str(bundle),
-                             "--port", url.rsplit(":", 1)[1]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--port", url.rsplit(":", 1)[1], *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + start_timeout
         while True:

@@ -43,9 +43,10 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-__all__ = ["create_app", "add_serve_args", "cmd_serve", "add_export_args", "cmd_export"]
+__all__ = ["create_app", "add_serve_args", "cmd_serve", "add_export_args", "cmd_export", "worker_app"]
 
 MAX_CANDIDATES = 1000
 MAX_HISTORY = 200
@@ -138,18 +139,25 @@ class Batcher:
 def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int = MAX_CANDIDATES,
                max_history: int = MAX_HISTORY, max_body_bytes: int = MAX_BODY_BYTES,
                torch_threads: int | None = None, batching: bool = True, max_batch_rows: int = 8192,
-               queue: str | None = None, max_queue: int = 100_000, jit: bool = True) -> Any:
+               queue: str | None = None, max_queue: int = 100_000, jit: bool = True, fleet: Any = None) -> Any:
     """A FastAPI app over ``bundle`` (a :class:`~cocorec.serve.bundle.BundleScorer` or its directory).
 
     ``queue``: the near-line queue file (default ``<bundle>.queue.jsonl``, :mod:`cocorec.serve.queue`)
     where unknown and changed users are appended (at most ``max_queue`` users) for
     ``cocorec knowledge refresh``. ``jit``: run the backbone as a frozen TorchScript trace (the
-    bundles loaded from a directory here and by ``/reload``; see :class:`~cocorec.serve.bundle.BundleScorer`)."""
+    bundles loaded from a directory here and by ``/reload``; see :class:`~cocorec.serve.bundle.BundleScorer`).
+    ``fleet``: this process is one worker of several (a :class:`~cocorec.serve.fleet.Fleet`): it follows
+    the bundle the others publish, and its ``/reload`` answers once all of them serve the new one; its
+    metrics go to prometheus_client's multiprocess files when ``PROMETHEUS_MULTIPROC_DIR`` is set."""
+    import asyncio
+    import contextlib
     import hmac
+    from concurrent.futures import ThreadPoolExecutor
 
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
     from pydantic import ValidationError
     from starlette.concurrency import run_in_threadpool
 
@@ -162,8 +170,10 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
 
         torch.set_num_threads(int(torch_threads))
     first = bundle if isinstance(bundle, BundleScorer) else BundleScorer(bundle, jit=jit)
-    live = {"scorer": first, "loaded_at": time.time()}   # swapped whole by /reload: one reference
+    # swapped whole by /reload (and, in a worker of several, when another worker publishes a reload)
+    live = {"scorer": first, "loaded_at": time.time(), "generation": fleet.generation if fleet else 0}
     ScoreBody, RecommendBody = _models(max_candidates, max_history)
+    multiprocess = fleet is not None and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
     reg = CollectorRegistry()
     requests = Counter("cocorec_requests", "HTTP requests by endpoint and status code", ["endpoint", "code"],
@@ -176,78 +186,68 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
     lookup = {True: lookups.labels("hit"), False: lookups.labels("fallback")}   # bound once, not per request
     unknown_items = Counter("cocorec_unknown_items", "candidate items the bundle does not know", registry=reg)
     user_queue = UserQueue(queue or default_queue_path(first.path), max_queue)
-    Gauge("cocorec_unknown_users", "users queued for a knowledge refresh (unknown or changed)",
-          registry=reg).set_function(lambda: len(user_queue))
     queued = Counter("cocorec_queued_users", "users appended to the refresh queue, by kind (new, changed) or "
                      "dropped (queue full)", ["kind"], registry=reg)
+    reloads = Counter("cocorec_bundle_reloads", "bundle loads by /reload (per worker) by result", ["result"],
+                      registry=reg)
+    passes = Gauge("cocorec_model_passes", "passes through the model (concurrent requests share one)",
+                   registry=reg, multiprocess_mode="sum")
+
+    class Queued:
+        """``cocorec_unknown_users``: the queue file's users, read when scraped (every worker appends to it)."""
+
+        def collect(self) -> Any:
+            user_queue.sync()
+            yield GaugeMetricFamily("cocorec_unknown_users", "users queued for a knowledge refresh (unknown or "
+                                    "changed)", value=len(user_queue))
+
+    if multiprocess:   # a scrape of any worker counts every worker (their files in PROMETHEUS_MULTIPROC_DIR)
+        from prometheus_client import multiprocess as mp
+
+        scrape = CollectorRegistry()
+        mp.MultiProcessCollector(scrape)
+    else:
+        scrape = reg
+    scrape.register(Queued())
     routes = {"/score", "/recommend", "/healthz", "/metrics", "/reload"}
     children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
 
-    class Metrics:
-        """ASGI middleware: counts and times every HTTP request (unknown paths are ``other``)."""
-
-        def __init__(self, app: Any) -> None:
-            self.app = app
-
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] != "http":
-                await self.app(scope, receive, send)
-                return
-            t0, status = time.perf_counter(), [500]
-
-            async def send_status(message: Any) -> None:
-                if message["type"] == "http.response.start":
-                    status[0] = message["status"]
-                await send(message)
-
-            try:
-                await self.app(scope, receive, send_status)
-            finally:
-                path = scope.get("path", "")
-                ep = path if path in routes else "other"
-                slot = (ep, status[0])
-                counted = children.get(slot)
-                if counted is None:   # the labelled series, looked up once per (endpoint, code)
-                    code = str(status[0])
-                    counted = children[slot] = (requests.labels(ep, code), errors.labels(ep, code)
-                                                if status[0] >= 400 else None, latency.labels(ep))
-                counted[0].inc()
-                if counted[1] is not None:
-                    counted[1].inc()
-                counted[2].observe(time.perf_counter() - t0)
-
-    app = FastAPI(title="cocorec", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Metrics)
-    app.state.live, app.state.user_queue = live, user_queue
-    reloads = Counter("cocorec_bundle_reloads", "bundle reloads by result", ["result"], registry=reg)
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception) -> JSONResponse:   # pragma: no cover - a bug
-        return JSONResponse({"detail": f"internal error: {' '.join(str(exc).split())[:200]}"}, status_code=500)
+    def key_error(headers: Any) -> str | None:
+        """Why a request's headers (ASGI: (name, value) bytes) fail the API key check; None when they pass."""
+        if api_key is None:
+            return None
+        given = next((v for k, v in headers if k == b"x-api-key"), None)
+        if given is None:
+            return "missing X-API-Key header"
+        return None if hmac.compare_digest(given, api_key.encode()) else "wrong API key"
 
     def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("x-api-key")
-        if given is None:
-            raise HTTPException(401, "missing X-API-Key header")
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise HTTPException(401, "wrong API key")
+        why = key_error(request.scope["headers"])
+        if why:
+            raise HTTPException(401, why)
 
-    async def read(request: Request, model: type) -> Any:
-        check_key(request)
-        declared = request.headers.get("content-length")
+    async def read(scope: Any, receive: Any, model: type) -> Any:
+        """The body of a POST, checked: API key (401), size (413), JSON (400), types and limits (422)."""
+        why = key_error(scope["headers"])
+        if why:
+            raise HTTPException(401, why)
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            raise HTTPException(413, f"body of {declared} bytes; at most {max_body_bytes}")
+            raise HTTPException(413, f"body of {declared.decode()} bytes; at most {max_body_bytes}")
         chunks, size = [], 0
-        async for chunk in request.stream():
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":   # the client went away
+                raise HTTPException(400, "the client disconnected before the body ended")
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > max_body_bytes:
                 raise HTTPException(413, f"body over {max_body_bytes} bytes")
             chunks.append(chunk)
-        body = b"".join(chunks)
+            if not message.get("more_body", False):
+                break
         try:
-            return model.model_validate_json(body)
+            return model.model_validate_json(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         except ValidationError as e:
             if any(err.get("type") == "json_invalid" for err in e.errors()):
                 raise HTTPException(400, "the body is not valid JSON") from None
@@ -255,19 +255,14 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
 
     # One worker thread of our own runs the model passes: the event loop hands it a pass without
     # anyio's capacity limiter and task group around every call.
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
-
     worker = ThreadPoolExecutor(1, thread_name_prefix="cocorec-model")
 
     async def in_worker(fn: Any, *a: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(worker, fn, *a)
+        out = await asyncio.get_running_loop().run_in_executor(worker, fn, *a)
+        passes.inc()
+        return out
 
     batcher = Batcher(in_worker, max_batch_rows) if batching else None
-    app.state.batcher = batcher
-    if batcher is not None:
-        Gauge("cocorec_model_passes", "passes through the model (concurrent requests share one)",
-              registry=reg).set_function(lambda: batcher.passes)
 
     async def score(req: Any) -> Any:
         hist = [(h, 5) if isinstance(h, str) else (h.item, h.rating) for h in (req.history or [])]
@@ -289,26 +284,138 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
                 queued.labels("dropped").inc()
         return out
 
-    def answer(body: dict[str, Any]) -> Response:
-        # serialised here, once: a returned dict would be validated against the return type and encoded
-        # again by FastAPI (jsonable_encoder) - the same JSON, at a cost per candidate
-        return Response(json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(),
-                        media_type="application/json")
+    def encode(body: dict[str, Any]) -> bytes:
+        return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
-    @app.post("/score", response_class=Response)
-    async def post_score(request: Request) -> Response:
-        req = await read(request, ScoreBody)
-        out = await score(req)
-        return answer({"scores": out.scores, "unknown_items": out.unknown_items, "user_known": out.user_known})
+    async def post_score(scope: Any, receive: Any) -> bytes:
+        out = await score(await read(scope, receive, ScoreBody))
+        return encode({"scores": out.scores, "unknown_items": out.unknown_items, "user_known": out.user_known})
 
-    @app.post("/recommend", response_class=Response)
-    async def post_recommend(request: Request) -> Response:
-        req = await read(request, RecommendBody)
+    async def post_recommend(scope: Any, receive: Any) -> bytes:
+        req = await read(scope, receive, RecommendBody)
         out = await score(req)
         ranked = sorted((j for j, s in enumerate(out.scores) if s is not None), key=lambda j: -out.scores[j])
         top = ranked[:req.k]
-        return answer({"items": [req.items[j] for j in top], "scores": [out.scores[j] for j in top],
+        return encode({"items": [req.items[j] for j in top], "scores": [out.scores[j] for j in top],
                        "unknown_items": out.unknown_items, "user_known": out.user_known})
+
+    # The scoring endpoints are plain ASGI, answered in the middleware below: FastAPI's routing,
+    # dependency solving, request object and exception layers cost more than the rest of a request
+    # outside the model pass; the other endpoints are FastAPI's.
+    scoring = {"/score": post_score, "/recommend": post_recommend}
+
+    async def respond(send: Any, status: int, body: bytes, extra: tuple = ()) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                                *extra]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def scoring_endpoint(handler: Any, scope: Any, receive: Any, send: Any) -> None:
+        if scope["method"] != "POST":
+            await respond(send, 405, b'{"detail":"Method Not Allowed"}', ((b"allow", b"POST"),))
+            return
+        try:
+            body, status, extra = await handler(scope, receive), 200, ()
+        except HTTPException as e:
+            body, status, extra = encode({"detail": e.detail}), e.status_code, ()
+        except Exception as e:  # noqa: BLE001 - a bug: one line, as the app's handler of the other endpoints
+            body, status = encode({"detail": f"internal error: {' '.join(str(e).split())[:200]}"}), 500
+        await respond(send, status, body, extra)
+
+    class Metrics:
+        """ASGI middleware: counts and times every HTTP request (unknown paths are ``other``); answers
+        the scoring endpoints itself."""
+
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            t0, status = time.perf_counter(), [500]
+
+            async def send_status(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    status[0] = message["status"]
+                await send(message)
+
+            path = scope.get("path", "")
+            try:
+                handler = scoring.get(path)
+                if handler is not None:
+                    await scoring_endpoint(handler, scope, receive, send_status)
+                else:
+                    await self.app(scope, receive, send_status)
+            finally:
+                ep = path if path in routes else "other"
+                slot = (ep, status[0])
+                counted = children.get(slot)
+                if counted is None:   # the labelled series, looked up once per (endpoint, code)
+                    code = str(status[0])
+                    counted = children[slot] = (requests.labels(ep, code), errors.labels(ep, code)
+                                                if status[0] >= 400 else None, latency.labels(ep))
+                counted[0].inc()
+                if counted[1] is not None:
+                    counted[1].inc()
+                counted[2].observe(time.perf_counter() - t0)
+
+    async def load_bundle(path: Any) -> Any:
+        """The bundle directory read again; a DataError after 3 tries (replaced while read, or unreadable)."""
+        for attempt in range(3):   # replaced while we read it (mixed files, or gone for an instant): again
+            try:
+                return await run_in_threadpool(BundleScorer, path, jit)
+            except DataError:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.2)
+
+    def swap(new: Any, generation: int) -> None:
+        live.update(scorer=new, loaded_at=time.time(), generation=generation)
+        user_queue.resync()   # a knowledge refresh consumed what it computed: those users may queue again
+        reloads.labels("ok").inc()
+
+    async def follow() -> None:
+        """A worker of several: load and swap in every bundle another worker publishes (see fleet)."""
+        from cocorec.serve.fleet import POLL_S
+
+        while True:
+            await asyncio.sleep(POLL_S)
+            gen, _ = fleet.published()
+            if gen <= live["generation"]:
+                continue
+            try:
+                new = await load_bundle(live["scorer"].path)
+            except DataError as e:
+                live["generation"] = gen   # stays on the old bundle; the /reload that published says why
+                reloads.labels("failed").inc()
+                fleet.ack(gen, live["scorer"].id, " ".join(str(e).split())[:200])
+                continue
+            if fleet.published()[0] > gen:   # published again while we loaded: the next round loads that
+                continue
+            swap(new, gen)
+            fleet.ack(gen, new.id)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> Any:
+        task = asyncio.get_running_loop().create_task(follow()) if fleet is not None else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                fleet.leave()
+            worker.shutdown(wait=False)
+
+    app = FastAPI(title="cocorec", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(Metrics)
+    app.state.live, app.state.user_queue, app.state.batcher, app.state.fleet = live, user_queue, batcher, fleet
+    if fleet is not None:
+        fleet.ack(live["generation"], first.id)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:   # pragma: no cover - a bug
+        return JSONResponse({"detail": f"internal error: {' '.join(str(exc).split())[:200]}"}, status_code=500)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -319,36 +426,49 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
                 "bundle_id": scorer.id, "engine": scorer.engine, "exported_at": c.get("exported_at"),
                 "queued_users": len(user_queue), "queue": str(user_queue.path),
                 "profile_fields": {f: sorted(v) for f, v in scorer.vocab.items()},
-                "max_candidates": max_candidates}
+                "max_candidates": max_candidates, "pid": os.getpid(), "generation": live["generation"]}
 
     @app.post("/reload")
     async def reload(request: Request) -> dict[str, Any]:
         """Load the bundle directory again (e.g. after ``cocorec export --overwrite`` with fresh knowledge)
-        and swap it in whole: a request in flight finishes on the bundle it started with."""
+        and swap it in whole: a request in flight finishes on the bundle it started with. A worker of
+        several answers once every worker serves the new bundle."""
         check_key(request)
-        import asyncio
-
-        path = live["scorer"].path
-        for attempt in range(3):   # replaced while we read it (mixed files, or gone for an instant): again
-            try:
-                new = await run_in_threadpool(BundleScorer, path, jit)
-                break
-            except DataError as e:
-                if attempt == 2:
-                    reloads.labels("failed").inc()
-                    why = " ".join(str(e).split())[:200]
-                    raise HTTPException(409, f"reload refused, the old bundle stays: {why}") from None
-                await asyncio.sleep(0.2)
+        try:
+            new = await load_bundle(live["scorer"].path)
+        except DataError as e:
+            reloads.labels("failed").inc()
+            why = " ".join(str(e).split())[:200]
+            raise HTTPException(409, f"reload refused, the old bundle stays: {why}") from None
         old_id = live["scorer"].id
-        live.update(scorer=new, loaded_at=time.time())
-        user_queue.resync()   # a knowledge refresh consumed what it computed: those users may queue again
-        reloads.labels("ok").inc()
-        return {"bundle_id": new.id, "previous": old_id, "users": len(new.user_ids), "items": len(new.item_ids)}
+        answer = {"bundle_id": new.id, "previous": old_id, "users": len(new.user_ids), "items": len(new.item_ids),
+                  "workers": 1}
+        if fleet is None:
+            swap(new, live["generation"] + 1)
+            return answer
+        gen = fleet.publish(new.id)
+        swap(new, gen)
+        fleet.ack(gen, new.id)
+        try:
+            acks = await fleet.wait(gen)
+        except TimeoutError as e:
+            raise HTTPException(504, f"reload published, not yet served by every worker: {e}") from None
+        failed = {pid: a["error"] for pid, a in acks.items() if a.get("error")}
+        if failed:
+            pid, why = next(iter(failed.items()))
+            raise HTTPException(409, f"worker {pid} could not load the new bundle and keeps the old one "
+                                     f"({len(failed)} of {len(acks)} workers): {why}")
+        ids = {a["bundle_id"] for a in acks.values() if a.get("bundle_id")}
+        if len(ids) > 1:
+            raise HTTPException(409, f"the workers serve {len(ids)} bundles (the bundle was replaced during the "
+                                     f"reload): POST /reload again")
+        answer["workers"] = len(acks)
+        return answer
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         check_key(request)
-        return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(scrape), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
@@ -370,14 +490,29 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="near-line queue of unknown/changed users for 'cocorec knowledge refresh' "
                         "(default: <bundle>.queue.jsonl)")
     p.add_argument("--max-queue", type=int, default=100_000, help="most users queued at once")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes (default 1); a /reload or a knowledge refresh reaches all of them and "
+                        "/metrics counts all of them")
     p.add_argument("--no-jit", action="store_true",
                    help="run the backbone eagerly (default: a frozen TorchScript trace, checked against it at load)")
+
+
+def worker_app() -> Any:
+    """The app of one worker of ``cocorec serve --workers N`` (uvicorn calls this factory in each process
+    it starts): the settings come from the main process in ``$COCOREC_SERVE_WORKER`` (:mod:`cocorec.serve.fleet`)."""
+    from cocorec.serve.bundle import BundleScorer
+    from cocorec.serve.fleet import ENV, Fleet
+
+    cfg = json.loads(os.environ[ENV])
+    fleet = Fleet(cfg.pop("state_dir"))   # the published generation, read before the bundle is
+    scorer = BundleScorer(cfg.pop("bundle"), jit=cfg["jit"])
+    return create_app(scorer, fleet=fleet, **cfg)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from cocorec.config import ConfigError
 
-    for name in ("port", "max_candidates", "max_history", "max_body_bytes", "threads", "max_queue"):
+    for name in ("port", "max_candidates", "max_history", "max_body_bytes", "threads", "max_queue", "workers"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     import uvicorn
@@ -385,16 +520,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cocorec.serve.bundle import BundleScorer
 
     key = args.api_key or os.environ.get("COCOREC_API_KEY") or None
-    scorer = BundleScorer(args.bundle, jit=not args.no_jit)
-    app = create_app(scorer, api_key=key, max_candidates=args.max_candidates, max_history=args.max_history,
-                     max_body_bytes=args.max_body_bytes, torch_threads=args.threads, batching=not args.no_batching,
-                     queue=args.queue, max_queue=args.max_queue, jit=not args.no_jit)
     if args.host not in LOOPBACK and key is None:
         print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
+    settings = dict(api_key=key, max_candidates=args.max_candidates, max_history=args.max_history,
+                    max_body_bytes=args.max_body_bytes, torch_threads=args.threads, batching=not args.no_batching,
+                    queue=args.queue, max_queue=args.max_queue, jit=not args.no_jit)
+    # the bundle is read here first in both cases: a bad one is a one-line error before any worker starts
+    scorer = BundleScorer(args.bundle, jit=not args.no_jit and args.workers == 1)
+    engine = scorer.engine if args.workers == 1 else "eager" if args.no_jit else "jit"
     print(f"serving {args.bundle} ({scorer.config['backbone']} + {scorer.method}, {len(scorer.user_ids)} users, "
-          f"{len(scorer.item_ids)} items, {scorer.engine}) on http://{args.host}:{args.port}", file=sys.stderr,
-          flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+          f"{len(scorer.item_ids)} items, {engine}, {args.workers} worker{'s' if args.workers > 1 else ''}) on http://{args.host}:{args.port}",
+          file=sys.stderr, flush=True)
+    # uvicorn's own layers the service does not use: X-Forwarded-* rewriting (no client addresses read)
+    common = dict(host=args.host, port=args.port, log_level="warning", access_log=False, proxy_headers=False)
+    if args.workers == 1:
+        uvicorn.run(create_app(scorer, **settings), **common)
+        return 0
+    import shutil
+    import tempfile
+
+    from cocorec.serve.fleet import ENV
+
+    del scorer
+    state = Path(tempfile.mkdtemp(prefix="cocorec-serve-"))
+    (state / "metrics").mkdir()
+    saved = {k: os.environ.get(k) for k in (ENV, "PROMETHEUS_MULTIPROC_DIR", "OMP_NUM_THREADS")}
+    os.environ.update({ENV: json.dumps({**settings, "bundle": str(Path(args.bundle).resolve()),
+                                        "state_dir": str(state)}),
+                       "PROMETHEUS_MULTIPROC_DIR": str(state / "metrics"), "OMP_NUM_THREADS": str(args.threads)})
+    try:   # spawned workers (uvicorn's supervisor restarts one that dies), one socket
+        uvicorn.run("cocorec.serve.app:worker_app", factory=True, workers=args.workers, **common)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(state, ignore_errors=True)
     return 0
 
 

@@ -110,27 +110,57 @@ class UserQueue:
         self.path, self.max_users = Path(path), int(max_users)
         self.ids: set[str] = set()
         self.dropped = 0
+        self._read: tuple[int | None, int] = (None, 0)   # (inode, bytes) of the file read into ids
         self.resync()
 
     def resync(self) -> None:
         """Read the queued ids back from the file (at start, and after a refresh consumed some)."""
-        self.ids = set(snapshot(self.path)[0]) if self.path.exists() else set()
+        with _locked(self.path):
+            self._catch_up(full=True)
+
+    def sync(self) -> None:
+        """Add the ids other processes appended since the last read (the other workers of the service)."""
+        with _locked(self.path):
+            self._catch_up()
+
+    def _catch_up(self, full: bool = False) -> None:
+        # under the lock: a replaced file (a refresh consumed it) is read whole, a grown one from where we were
+        try:
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                ino, at = self._read
+                if full or st.st_ino != ino or st.st_size < at:
+                    self.ids, at = set(), 0
+                elif st.st_size == at:
+                    return
+                f.seek(at)
+                blob = f.read()
+        except FileNotFoundError:
+            self.ids, self._read = set(), (None, 0)
+            return
+        self.ids.update(_parse(blob, self.path))
+        self._read = (st.st_ino, at + len(blob))
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def add(self, user: str, profile: Mapping[str, str] | None, history: Sequence[tuple[str, int]] | None,
             kind: str = "new") -> bool:
-        """Queue ``user`` with what its request carried; False if it is queued already or the queue is full."""
+        """Queue ``user`` with what its request carried; False if it is queued already (by this process or
+        another worker of the service) or the queue is full."""
         if user in self.ids:
-            return False
-        if len(self.ids) >= self.max_users:
-            self.dropped += 1
             return False
         line = json.dumps({"user": user, "profile": dict(profile or {}),
                            "history": [[str(i), int(r)] for i, r in (history or [])], "kind": kind,
                            "at": round(time.time(), 3)}, separators=(",", ":")) + "\n"
-        with _locked(self.path), open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-        self.ids.add(user)
+        with _locked(self.path):
+            self._catch_up()
+            if user in self.ids:
+                return False
+            if len(self.ids) >= self.max_users:
+                self.dropped += 1
+                return False
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+            self._catch_up()
         return True
