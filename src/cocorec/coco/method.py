@@ -78,12 +78,19 @@ from cocorec.coco.readout import ReadoutConfig
 from cocorec.config import ConfigError
 from cocorec.knowledge.base import KnowledgeMethod, register_method, register_variant
 from cocorec.knowledge.sources import LEAK, check_source
+from cocorec.train import distributed
 from cocorec.utils.io import cache_root
 
 __all__ = ["CoCo", "CoCoConfig", "NO_USER_TEXT"]
 
 #: The text every user gets when a method reads none of theirs (``static``).
 NO_USER_TEXT = "A user."
+
+
+def _share(n: int) -> int:
+    """This rank's share of ``n`` per-step LM users (``n`` with one process)."""
+    lo, hi = distributed.shard(n)
+    return hi - lo
 
 
 BLOCKS: dict[str, type] = {"codebook": CodebookConfig, "readout": ReadoutConfig, "judge": JudgeConfig,
@@ -219,6 +226,9 @@ class CoCo(KnowledgeMethod):
         self._epoch_rates: list[float] = []
         self.rate_by_epoch: list[float] = []
         self.timing = {"lm_suffix_s": 0.0, "lm_full_s": 0.0, "bank_refresh_s": 0.0, "bank_refreshes": 0}
+        # torchrun only: the judge sums every rank agrees on, and every rank's generator state
+        self._judge_base: torch.Tensor | None = None
+        self._gen_states: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ construction (needs the LM)
     def attach(self, model: nn.Module) -> None:
@@ -320,6 +330,14 @@ class CoCo(KnowledgeMethod):
                 q = self._query(self._train_users.to(dev))
             self.codebook.init_keys_from_queries(q, generator=self._gen)
             self.keys_initialised.fill_(True)
+        if distributed.world_size() > 1:
+            if self.kv.shared_dir is not None:   # rank 0 (prepared first) builds the shared base store alone
+                self.kv.ensure(np.arange(n_users), BASE)
+            # Every rank drew the same initial weights; from here each draws its own live users and
+            # dropout (rank 0 keeps the one-process stream), as the trainer does for torch's RNG.
+            if distributed.rank() > 0:
+                self._gen.manual_seed(distributed.rank_seed(self.seed, distributed.rank()))
+            self._judge_base = self.judge_stats.counts.clone()   # the sums every rank agrees on
         self._prepared = True
 
     @property
@@ -368,7 +386,12 @@ class CoCo(KnowledgeMethod):
         """(codes, prompts [M, L, H], vq loss, queries) of ``users`` (``record``: count code usage)."""
         if self.cfg.codebook.vq:
             q = self._query(users)
-            out = self.codebook(q, record=record)
+            shared = record and self.codebook.training and distributed.world_size() > 1
+            out = self.codebook(q, record=record and not shared)
+            if shared:   # every rank counts every rank's picks: the same usage and reset queries everywhere
+                both = distributed.all_gather_rows(torch.cat([out.codes[:, None].float(), q.detach().float()], 1)
+                                                   .cpu().numpy())
+                self.codebook.record(torch.from_numpy(both[:, 0]).long(), torch.from_numpy(both[:, 1:]))
             return out.codes, out.prompts, out.loss, q
         codes = self._fixed_codes[users]
         return codes, self.codebook.prompt_of(codes), torch.zeros((), device=self.device), None
@@ -414,11 +437,17 @@ class CoCo(KnowledgeMethod):
         users = (self._train_users if users is None else users).to(self.device)
         version = self.lm_version()
         self.kv.ensure(users.cpu(), version)   # all at once: length-sorted batches
-        for start in range(0, len(users), self.cfg.lm_batch_users):
-            u = users[start:start + self.cfg.lm_batch_users]
+        # Under torchrun each rank computes a shard of the rows, then every rank takes all of them (the
+        # text caches above stay whole: every rank's batches read any user's).
+        lo, hi = distributed.shard(len(users))
+        for start in range(lo, hi, self.cfg.lm_batch_users):
+            u = users[start:min(start + self.cfg.lm_batch_users, hi)]
             _, prompts, _, _ = self._codes_and_prompts(u, record=False)
             h_p, h_t, mask = self._prompt_states(u, prompts, version=version)
             self.bank.put(u, h_p if self.cfg.bank == "states" else self._read(h_p, h_t, mask))
+        if distributed.world_size() > 1:
+            self.bank.put(users, torch.from_numpy(distributed.all_gather_rows(self.bank.table[users[lo:hi]].cpu()
+                                                                              .numpy())))
         self._text_version = version
         self.bank.mark(self._bank_key())
         self.timing["bank_refresh_s"] += time.perf_counter() - t0
@@ -473,6 +502,34 @@ class CoCo(KnowledgeMethod):
         perm = torch.randperm(len(candidates), generator=self._gen)[:n].to(candidates.device)
         return candidates[perm].sort().values
 
+    def _put_fresh(self, live_users: torch.Tensor, fresh: torch.Tensor | None) -> None:
+        """The bank rows of this step's live users; under torchrun every rank's, so that every rank's
+        bank stays the same (a user live on several ranks takes the lowest rank's row)."""
+        if distributed.world_size() == 1:
+            if fresh is not None:
+                self.bank.put(live_users, fresh)
+            return
+        width = self.bank.table.shape[1:]
+        rows = (fresh.detach().float() if fresh is not None else self.bank.table.new_zeros((0, *width)))
+        users = distributed.all_gather_rows(live_users.cpu().numpy())
+        rows_np = distributed.all_gather_rows(rows.cpu().numpy())
+        users, first = np.unique(users, return_index=True)
+        self.bank.put(torch.from_numpy(users), torch.from_numpy(rows_np[first]))
+
+    def _all_ranks_lora_grads(self, grads: list[torch.Tensor] | None, n_c: int) -> list[torch.Tensor] | None:
+        """Every rank's LoRA gradient weighted by its contradicting rows (the gradient of the mean over all
+        of them), on every rank; None when no rank had one (LoRA then takes no step, as with one process).
+        A fixed list of every adapter: a rank without a gradient sends zeros."""
+        params = self.lora_parameters
+        flat = torch.cat([g.detach().float().flatten().cpu() * n_c for g in grads]) if grads is not None \
+            else torch.zeros(sum(p.numel() for p in params))
+        every = distributed.all_gather_rows(torch.cat([flat, torch.tensor([float(n_c)])])[None].numpy())
+        total = float(every[:, -1].sum())
+        if total == 0:
+            return None
+        mean = torch.from_numpy(every[:, :-1].sum(0) / total)
+        return [g.view(p.shape).to(p) for g, p in zip(mean.split([p.numel() for p in params]), params)]
+
     def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
                       step: int) -> tuple[torch.Tensor, dict[str, float]]:
         if not self._prepared:
@@ -494,6 +551,9 @@ class CoCo(KnowledgeMethod):
         self.judge_stats.add_output(users, verdict)
         c_mask = verdict.contradicts
         rate = float(c_mask.float().mean())
+        if distributed.world_size() > 1:   # the global batch's rate: every rank's scheduler takes the same steps
+            total = distributed.all_sum({"c": float(c_mask.sum()), "n": float(len(c_mask))})
+            rate = total["c"] / total["n"]
         phase = self.scheduler.phase
         contradiction_step = phase == CONTRADICTION and bool(self._lora)
         for p in self._lora.values():
@@ -503,21 +563,27 @@ class CoCo(KnowledgeMethod):
         every = cfg.codebook.reset_every
         if cfg.codebook.vq and q is not None and every and step > 0 and step % every == 0:
             self.codebook.reset_dead_codes(generator=self._gen)
+            if distributed.world_size() > 1:   # same dead codes everywhere (shared usage); rank 0's draws win
+                keys = distributed.all_gather_rows(self.codebook.keys.detach().cpu().numpy())
+                with torch.no_grad():
+                    self.codebook.keys.copy_(torch.from_numpy(keys[: len(self.codebook.keys)]))
         keep = (torch.rand(len(users), generator=self._gen) >= cfg.knowledge_dropout).to(dev)
+        # Under torchrun a rank runs its share of the live users: the LM work of a global step stays one process's.
         if contradiction_step:   # users with a contradicting sample that keeps its knowledge this step
             c_users = torch.unique(users[c_mask & keep])
-            live_users = self._pick(c_users, cfg.judge.contradiction_users_per_step)
+            live_users = self._pick(c_users, _share(cfg.judge.contradiction_users_per_step))
         else:
-            live_users = self._pick(uniq, cfg.lm_users_per_step)
+            live_users = self._pick(uniq, _share(cfg.lm_users_per_step))
         live_idx = torch.searchsorted(uniq, live_users)
+        fresh = None
         if len(live_users):
             h_p, h_t, mask = self._prompt_states(live_users, prompts[live_idx],
                                                  full=contradiction_step and cfg.lora.lora_scope == "all")
             fresh = h_p if cfg.bank == "states" else self._read(h_p, h_t, mask)
-            self.bank.put(live_users, fresh)
             k_uniq = self._banked_knowledge(uniq, text, live_idx, fresh)
         else:
             k_uniq = self._banked_knowledge(uniq, text)
+        self._put_fresh(live_users, fresh)
         k_live = k_uniq[live_idx]
         k_rows = k_uniq[inv]
         logits = model(batch, [k_rows * keep.unsqueeze(-1).to(k_rows.dtype)]).float()
@@ -533,11 +599,17 @@ class CoCo(KnowledgeMethod):
             live_row[live_users] = True
             rows_c = c_mask & keep & live_row[users]
             n_c = int(rows_c.sum())
+            override: list[torch.Tensor] | None = None
             if n_c > 0:   # else no user is live, the LM did not run, and LoRA gets no gradient at all
                 loss_c = bce_rows[rows_c].sum() / n_c + cfg.align_weight * align
                 grads = torch.autograd.grad(loss_c, self.lora_parameters, retain_graph=True, allow_unused=True)
-                self._lora_override = [torch.zeros_like(p) if g is None else g
-                                       for p, g in zip(self.lora_parameters, grads)]
+                override = [torch.zeros_like(p) if g is None else g for p, g in zip(self.lora_parameters, grads)]
+            if distributed.world_size() > 1:
+                override = self._all_ranks_lora_grads(override, n_c)
+                if override is not None:   # this rank's backward reaches every adapter: the hook sets its gradient
+                    loss = loss + sum(p.sum() for p in self.lora_parameters) * 0.0
+            if override is not None:
+                self._lora_override = override
                 self.n_lora_updates += 1
             logs["contradicting_rows"] = float(n_c)
 
@@ -557,6 +629,17 @@ class CoCo(KnowledgeMethod):
         if self._epoch_rates:
             self.rate_by_epoch.append(float(np.mean(self._epoch_rates)))
         self._epoch_rates = []
+        if distributed.world_size() > 1 and self._prepared:
+            self._sync_judge_stats()
+            self._gen_states = distributed.gather_rng_states(self._gen.get_state())   # saved by rank 0 in last/
+
+    def _sync_judge_stats(self) -> None:
+        """Add every rank's per-user judge sums since the last sync into every rank's (torchrun)."""
+        counts = self.judge_stats.counts
+        base = self._judge_base if self._judge_base is not None else torch.zeros_like(counts)
+        every = torch.from_numpy(distributed.all_gather_rows((counts - base).numpy()))
+        self.judge_stats.counts = base + every.view(-1, *counts.shape).sum(0)
+        self._judge_base = self.judge_stats.counts.clone()
 
     def on_fit_end(self, predict: Callable[..., dict[str, Any]]) -> None:
         """Group guard (:class:`~cocorec.coco.guard.GroupGuard`) on the validation split."""
@@ -583,6 +666,8 @@ class CoCo(KnowledgeMethod):
         # generator (live users, knowledge dropout, dead-code resets) and the queries a reset draws from.
         if hasattr(self, "_gen"):
             state["rng/method"] = self._gen.get_state()
+            # torchrun: rank R's generator (``rng/method`` is rank 0's), as of the last epoch's end
+            state.update({f"rng/method/{r}": g for r, g in enumerate(self._gen_states) if r > 0})
         bank = getattr(self, "bank", None)
         if self.cfg.bank == "knowledge" and bank is not None and not bank.stale(self._bank_key()):
             state["bank/knowledge"] = bank.table.clone()   # kept across epochs, unlike prompt states
@@ -614,8 +699,9 @@ class CoCo(KnowledgeMethod):
                 self.rate_by_epoch = extra["rate_by_epoch"]
                 if "judge/user_counts" in state:
                     self.judge_stats = UserJudgeStats.from_counts(state["judge/user_counts"])
-                if "rng/method" in state:
-                    self._gen.set_state(state["rng/method"].cpu())
+                    self._judge_base = self.judge_stats.counts.clone()
+                if "rng/method" in state:   # this rank's; a rank the saving run did not have continues rank 0's
+                    self._gen.set_state(state.get(f"rng/method/{distributed.rank()}", state["rng/method"]).cpu())
                 if "codebook/recent" in state:
                     self.codebook._recent = state["codebook/recent"].cpu().float()
             if extra.get("guard_report") and self.guard is not None:

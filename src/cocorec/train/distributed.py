@@ -24,6 +24,9 @@ The rules that make N processes train the run one process trains:
 * **Writes.** Rank 0 alone writes checkpoints, ``last/``, metrics.json and the results line; every
   rank reads ``last/`` to resume. Buffers (Dice's running statistics) are rank 0's: they are
   broadcast at each epoch's end, before evaluation and ``last/``; each rank's RNG state is saved.
+* **Method state.** What a method keeps outside DDP's parameters it keeps equal on every rank itself,
+  with these collectives, called by every rank at the same point of every step (CoCo: its bank,
+  judge, phase scheduler, codebook resets and LoRA gradients, see :mod:`cocorec.coco.method`).
 
 Example (one process: the identity; under torchrun the same calls shard and gather):
     >>> setup(torch.device("cpu"))
@@ -133,17 +136,14 @@ def main_first() -> Iterator[None]:
 
 def check_supported(method_cls: Any, name: str) -> None:
     """A :class:`DistributedError` before any work when ``WORLD_SIZE > 1`` and the method keeps
-    per-process training state DDP does not synchronise. A method says so with a class attribute
-    ``supports_distributed``; CoCo (``cocorec.coco``) does not yet: its user bank, judge and
-    contradiction scheduler, dead-code resets and LoRA switches act on each rank's own slice."""
+    per-process training state nothing synchronises: a method says so with a class attribute
+    ``supports_distributed = False`` (no registered method does now; CoCo synchronises its bank,
+    judge, scheduler, codebook resets and LoRA itself, :mod:`cocorec.coco.method`)."""
     if env_world_size() == 1:
         return
-    ok = getattr(method_cls, "supports_distributed", None)
-    if ok is None:
-        ok = not getattr(method_cls, "__module__", "").startswith("cocorec.coco")
-    if not ok:
-        raise DistributedError(f"method {name} cannot train in several processes yet (its per-user bank, judge "
-                               f"and scheduler are per process); run it with one process (no torchrun)")
+    if not getattr(method_cls, "supports_distributed", True):
+        raise DistributedError(f"method {name} cannot train in several processes (it keeps per-process training "
+                               f"state); run it with one process (no torchrun)")
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -238,9 +238,10 @@ def broadcast_buffers(*modules: nn.Module) -> None:
                 b.copy_(t.to(b.device, b.dtype))
 
 
-def gather_rng_states() -> list[torch.Tensor]:
-    """The torch CPU RNG state of every rank (rank order), for rank 0 to save in ``last/``."""
-    state = torch.get_rng_state()
+def gather_rng_states(state: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The torch CPU RNG state of every rank (rank order), or every rank's ``state`` (a CPU
+    generator's ``get_state()``), for rank 0 to save in ``last/``."""
+    state = torch.get_rng_state() if state is None else state
     if world_size() == 1:
         return [state]
     dev = _comm_device()
