@@ -41,6 +41,12 @@ phase. ``lora_scope="suffix"`` instead keeps reading the text with the base LM (
 never rebuilt) and lets LoRA act on the prompt positions only: a contradiction step then costs a
 cached step.
 
+Under torchrun (docs/scale.md) each rank runs its share of the live users from its slice of the
+global batch and every rank's state stays the same: fresh bank rows are gathered after each step,
+the scheduler sees the global batch's contradiction rate, LoRA takes the mean of every rank's
+contradiction gradient, code picks and reset queries are gathered (rank 0's reset keys win), and the
+per-user judge sums are added over ranks at each epoch's end. With one process no collective runs.
+
 Group guard (beyond the paper), in ``on_fit_end``: per user group (``guard_grouping``, default
 gender x age group) validation AUC with vs without knowledge; groups where knowledge costs more
 than ``guard_margin`` AUC get a zero knowledge field from then on (saved in the checkpoint).
