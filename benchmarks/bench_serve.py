@@ -22,6 +22,11 @@ change; a directory with httptools and uvloop, which uvicorn then uses instead o
     python benchmarks/bench_serve.py --bundle base=bundles/din-base --bundle coco=bundles/din-coco
     python benchmarks/bench_serve.py --bundle before=B --bundle after=B --pythonpath before=/tmp/old/src
 
+``--workers N`` (or ``NAME=N``): that many uvicorn worker processes per server (the server CPU then
+sums the process tree); ``--ref NAME=REF``: the p99 ratio of NAME is to REF's (default: to the first).
+Several servers of one bundle side by side (``--bundle one=B --bundle two=B --workers two=2 --ref
+two=one``) compare 1 and 2 workers within one run.
+
 ``--refresh-users N``: then, on a copy of the first bundle served by its own process, queue N new users
 (a random profile and a 20-item rated history each) and keep ``max(--clients)`` clients scoring (every
 fourth request one of the new users) while ``cocorec knowledge refresh --bundle COPY --reload URL`` runs
@@ -56,20 +61,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: str, port: int, threads: int, log: Path, pythonpath: str | None = None) -> subprocess.Popen:
+def start_server(bundle: str, port: int, threads: int, log: Path, pythonpath: str | None = None,
+                 workers: int | None = None, model_threads: int | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "cocorec.cli", "serve", "--bundle", bundle, "--host", "127.0.0.1",
-           "--port", str(port), "--threads", str(threads)]
+           "--port", str(port), "--threads", str(threads)] + (["--workers", str(workers)] if workers else [])
+    cmd += ["--model-threads", str(model_threads)] if model_threads else []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads (Linux /proc; NaN elsewhere)."""
+    """User + system CPU seconds of a process and its descendants (``--workers``), all their threads, of
+    the processes alive now (Linux /proc; NaN elsewhere)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        parent: dict[int, int] = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    parent[int(d)] = int(_stat(int(d))[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+        tree, grew = {pid}, True
+        while grew:
+            more = {p for p, pp in parent.items() if pp in tree} - tree
+            tree |= more
+            grew = bool(more)
+        total = 0.0
+        for p in tree:
+            try:
+                fields = _stat(p)
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
     except (OSError, ValueError, IndexError):
         return float("nan")
 
@@ -268,11 +298,25 @@ def main() -> int:
                     help="NAME=DIR: first on the PYTHONPATH of that bundle's server (other code, side by side)")
     ap.add_argument("--client", choices=["httpx", "raw"], default="httpx",
                     help="httpx.AsyncClient, or a minimal keep-alive HTTP/1.1 client on asyncio streams")
+    ap.add_argument("--workers", action="append", default=[],
+                    help="N (every server) or NAME=N (that bundle's server): cocorec serve --workers "
+                         "(default: the command's own default)")
+    ap.add_argument("--model-threads", action="append", default=[],
+                    help="N or NAME=N: cocorec serve --model-threads (passes at once in a process)")
+    ap.add_argument("--ref", action="append", default=[],
+                    help="NAME=REF: the p99 ratio of bundle NAME is to bundle REF's (default: to the first)")
     ap.add_argument("--refresh-users", type=int, default=0,
                     help="then: a refresh of this many queued users under load (on a copy of the first bundle)")
     args = ap.parse_args()
     named = [b.split("=", 1) for b in args.bundle]
     paths = dict(x.split("=", 1) for x in args.pythonpath)
+    refs = dict(x.split("=", 1) for x in args.ref)
+    every = next((int(w) for w in args.workers if "=" not in w), None)
+    workers = {name: every for name, _ in named}
+    workers.update({k: int(v) for k, v in (w.split("=", 1) for w in args.workers if "=" in w)})
+    every = next((int(w) for w in args.model_threads if "=" not in w), None)
+    mthreads = {name: every for name, _ in named}
+    mthreads.update({k: int(v) for k, v in (w.split("=", 1) for w in args.model_threads if "=" in w)})
     run_load = raw_load if args.client == "raw" else load
     levels = [int(c) for c in args.clients.split(",") if c.strip()]
     logdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-serve-{os.getpid()}"
@@ -281,7 +325,8 @@ def main() -> int:
     try:
         for name, path in named:
             port = free_port()
-            procs[name] = start_server(path, port, args.threads, logdir / f"{name}.log", paths.get(name))
+            procs[name] = start_server(path, port, args.threads, logdir / f"{name}.log", paths.get(name),
+                                       workers[name], mthreads[name])
             urls[name] = f"http://127.0.0.1:{port}"
         info = {name: wait_ready(urls[name], procs[name]) for name, _ in named}
         rows = []
@@ -302,7 +347,7 @@ def main() -> int:
                     cpu[name][1] += time.process_time() - c0
                     a, e, w = res[name]
                     res[name] = (a + lat, e + err, w + wall)
-            ref_p99 = None
+            p99s = {name: float(np.percentile(np.array(res[name][0]) * 1e3, 99)) for name, _ in named}
             for name, _ in named:
                 lat, err, wall = res[name]
                 after = server_side(urls[name])
@@ -311,15 +356,17 @@ def main() -> int:
                 per_pass = n_server / max(after[2] - before[name][2], 1.0)
                 ms = np.array(lat) * 1e3
                 p50, p99 = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
-                ref_p99 = ref_p99 or p99
-                rows.append({"bundle": name, "method": info[name]["method"], "clients": c, "requests": len(lat),
+                ref_p99 = p99s[refs.get(name, named[0][0])]
+                rows.append({"bundle": name, "method": info[name]["method"], "workers": workers[name] or 1,
+                             "model_threads": mthreads[name] or 1,
+                             "ref": refs.get(name, named[0][0]), "clients": c, "requests": len(lat),
                              "errors": err, "req_per_s": len(lat) / wall, "p50_ms": p50, "p99_ms": p99,
                              "max_ms": float(ms.max()), "p99_vs_first": p99 / ref_p99,
                              "server_mean_ms": server_ms, "requests_per_pass": per_pass,
                              "server_cpu_ms": cpu[name][0] / max(len(lat), 1) * 1e3,
                              "client_cpu_ms": cpu[name][1] / max(len(lat), 1) * 1e3})
                 print(f"{name:>8} clients={c:>3} n={len(lat):>5} errors={err} {len(lat) / wall:8.1f} req/s "
-                      f"p50={p50:6.2f} ms p99={p99:6.2f} ms max={ms.max():7.2f} ms p99/first={p99 / ref_p99:.2f} "
+                      f"p50={p50:6.2f} ms p99={p99:6.2f} ms max={ms.max():7.2f} ms p99/ref={p99 / ref_p99:.2f} "
                       f"server mean={server_ms:.2f} ms requests/pass={per_pass:.1f} "
                       f"CPU/request server={rows[-1]['server_cpu_ms']:.2f} ms "
                       f"client={rows[-1]['client_cpu_ms']:.2f} ms",
@@ -335,13 +382,14 @@ def main() -> int:
     print(f"\n{platform.node()} ({os.cpu_count()} CPUs), load average {os.getloadavg()[0]:.1f} at the end, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {args.candidates} candidates a request, "
           f"{args.threads} torch thread(s) per server, {args.client} client\n")
-    print("| bundle | clients | requests | errors | req/s | p50 ms | p99 ms | max ms | p99 / first | server mean ms "
-          "| requests / pass | server CPU ms / req | client CPU ms / req |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| bundle | workers x model threads | clients | requests | errors | req/s | p50 ms | p99 ms | max ms "
+          "| p99 / ref | server mean ms | requests / pass | server CPU ms / req | client CPU ms / req |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['bundle']} ({r['method']}) | {r['clients']} | {r['requests']} | {r['errors']} | "
+        print(f"| {r['bundle']} ({r['method']}) | {r['workers']} x {r['model_threads']} | {r['clients']} | "
+              f"{r['requests']} | {r['errors']} | "
               f"{r['req_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | "
-              f"{r['p99_vs_first']:.2f} | {r['server_mean_ms']:.1f} | {r['requests_per_pass']:.1f} | "
+              f"{r['p99_vs_first']:.2f} ({r['ref']}) | {r['server_mean_ms']:.1f} | {r['requests_per_pass']:.1f} | "
               f"{r['server_cpu_ms']:.2f} | {r['client_cpu_ms']:.2f} |")
     refresh = None
     if args.refresh_users:

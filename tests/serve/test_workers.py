@@ -195,3 +195,60 @@ def test_fleet_forgets_dead_workers_and_waits_for_a_late_one(tmp_path):
     assert asyncio.run(fleet.wait(gen, timeout=1))[os.getpid()]["bundle_id"] == "b2"
     fleet.leave()
     assert fleet.workers() == {}
+
+
+def test_the_batcher_runs_up_to_k_passes_at_once():
+    """With ``concurrency=2`` a request that arrives while a pass runs gets a pass of its own at once: the
+    two passes meet at a barrier, which one pass at a time would never reach (BrokenBarrierError)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from cocorec.serve.app import Batcher
+
+    barrier = threading.Barrier(2, timeout=10)
+
+    class Scorer:
+        def score_requests(self, reqs: list) -> list:
+            barrier.wait()
+            return [len(r.items) for r in reqs]
+
+    pool = ThreadPoolExecutor(2)
+
+    async def go() -> list:
+        async def in_thread(fn, *a):
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *a)
+
+        b = Batcher(in_thread, concurrency=2)
+        s = Scorer()
+        first = asyncio.ensure_future(b.submit(s, SimpleNamespace(items=[1])))
+        await asyncio.sleep(0.05)   # its pass runs now, waiting at the barrier
+        second = asyncio.ensure_future(b.submit(s, SimpleNamespace(items=[1, 2])))
+        out = await asyncio.gather(first, second)
+        assert b.passes == 2 and b.running == 0
+        return out
+
+    assert asyncio.run(go()) == [1, 2]
+    pool.shutdown()
+
+
+def test_two_model_threads_answer_as_one(bundle_dir):
+    import asyncio
+
+    from cocorec.serve.app import create_app
+
+    b = BundleScorer(bundle_dir)
+    rng = np.random.default_rng(1)
+    bodies = [{"user": b.user_ids[int(rng.integers(len(b.user_ids)))],
+               "items": [b.item_ids[int(i)] for i in rng.choice(len(b.item_ids), 6, replace=False)]} for _ in range(30)]
+    app = create_app(b, model_threads=2)
+
+    async def go() -> list[dict]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            async def staggered(j: int, body: dict) -> dict:
+                await asyncio.sleep(0.002 * j)   # arrivals spread over the passes
+                return (await c.post("/score", json=body)).json()
+            return await asyncio.gather(*(staggered(j, body) for j, body in enumerate(bodies)))
+
+    for got, body in zip(asyncio.run(go()), bodies):
+        np.testing.assert_allclose(got["scores"], b.score(body["user"], body["items"]).scores, rtol=0, atol=1e-6)

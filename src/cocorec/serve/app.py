@@ -90,12 +90,13 @@ def _reason(e: Any) -> str:
 
 class Batcher:
     """Concurrent requests through the model together: a request waits while a pass is running, then every
-    waiting request (up to ``max_rows`` candidates) goes in the next pass, in one worker thread."""
+    waiting request (up to ``max_rows`` candidates) goes in the next pass, in one worker thread; with
+    ``concurrency`` k, up to k passes run at once (k model threads: TorchScript runs without the GIL)."""
 
-    def __init__(self, run_in_thread: Any, max_rows: int = 8192) -> None:
-        self.run_in_thread, self.max_rows = run_in_thread, max_rows
+    def __init__(self, run_in_thread: Any, max_rows: int = 8192, concurrency: int = 1) -> None:
+        self.run_in_thread, self.max_rows, self.concurrency = run_in_thread, max_rows, max(1, int(concurrency))
         self.pending: list[tuple[Any, Any, Any]] = []   # (scorer, request, future)
-        self.running = False
+        self.running = 0   # passes in flight (drain tasks)
         self.passes = 0
 
     async def submit(self, scorer: Any, request: Any) -> Any:
@@ -104,8 +105,8 @@ class Batcher:
 
         fut = asyncio.get_running_loop().create_future()
         self.pending.append((scorer, request, fut))
-        if not self.running:
-            self.running = True
+        if self.running < self.concurrency:
+            self.running += 1
             asyncio.get_running_loop().create_task(self._drain())
         return await fut
 
@@ -133,13 +134,14 @@ class Batcher:
                     if not fut.done():
                         fut.set_result(out)
         finally:
-            self.running = False
+            self.running -= 1
 
 
 def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int = MAX_CANDIDATES,
                max_history: int = MAX_HISTORY, max_body_bytes: int = MAX_BODY_BYTES,
                torch_threads: int | None = None, batching: bool = True, max_batch_rows: int = 8192,
-               queue: str | None = None, max_queue: int = 100_000, jit: bool = True, fleet: Any = None) -> Any:
+               queue: str | None = None, max_queue: int = 100_000, jit: bool = True, fleet: Any = None,
+               model_threads: int = 1) -> Any:
     """A FastAPI app over ``bundle`` (a :class:`~cocorec.serve.bundle.BundleScorer` or its directory).
 
     ``queue``: the near-line queue file (default ``<bundle>.queue.jsonl``, :mod:`cocorec.serve.queue`)
@@ -148,7 +150,8 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
     bundles loaded from a directory here and by ``/reload``; see :class:`~cocorec.serve.bundle.BundleScorer`).
     ``fleet``: this process is one worker of several (a :class:`~cocorec.serve.fleet.Fleet`): it follows
     the bundle the others publish, and its ``/reload`` answers once all of them serve the new one; its
-    metrics go to prometheus_client's multiprocess files when ``PROMETHEUS_MULTIPROC_DIR`` is set."""
+    metrics go to prometheus_client's multiprocess files when ``PROMETHEUS_MULTIPROC_DIR`` is set.
+    ``model_threads``: model passes that may run at once (each on its own thread, ``torch_threads`` each)."""
     import asyncio
     import contextlib
     import hmac
@@ -255,14 +258,14 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
 
     # One worker thread of our own runs the model passes: the event loop hands it a pass without
     # anyio's capacity limiter and task group around every call.
-    worker = ThreadPoolExecutor(1, thread_name_prefix="cocorec-model")
+    worker = ThreadPoolExecutor(max(1, int(model_threads)), thread_name_prefix="cocorec-model")
 
     async def in_worker(fn: Any, *a: Any) -> Any:
         out = await asyncio.get_running_loop().run_in_executor(worker, fn, *a)
         passes.inc()
         return out
 
-    batcher = Batcher(in_worker, max_batch_rows) if batching else None
+    batcher = Batcher(in_worker, max_batch_rows, model_threads) if batching else None
 
     async def score(req: Any) -> Any:
         hist = [(h, 5) if isinstance(h, str) else (h.item, h.rating) for h in (req.history or [])]
@@ -300,8 +303,8 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
                        "unknown_items": out.unknown_items, "user_known": out.user_known})
 
     # The scoring endpoints are plain ASGI, answered in the middleware below: FastAPI's routing,
-    # dependency solving, request object and exception layers cost more than the rest of a request
-    # outside the model pass; the other endpoints are FastAPI's.
+    # dependency solving, request object and exception layers took ~10% of the server's CPU under load
+    # (py-spy); the other endpoints are FastAPI's.
     scoring = {"/score": post_score, "/recommend": post_recommend}
 
     async def respond(send: Any, status: int, body: bytes, extra: tuple = ()) -> None:
@@ -333,21 +336,13 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
             if scope["type"] != "http":
                 await self.app(scope, receive, send)
                 return
-            t0, status = time.perf_counter(), [500]
-
-            async def send_status(message: Any) -> None:
-                if message["type"] == "http.response.start":
-                    status[0] = message["status"]
-                await send(message)
-
+            t0, status, done = time.perf_counter(), [500], [False]
             path = scope.get("path", "")
-            try:
-                handler = scoring.get(path)
-                if handler is not None:
-                    await scoring_endpoint(handler, scope, receive, send_status)
-                else:
-                    await self.app(scope, receive, send_status)
-            finally:
+
+            def record() -> None:
+                if done[0]:
+                    return
+                done[0] = True
                 ep = path if path in routes else "other"
                 slot = (ep, status[0])
                 counted = children.get(slot)
@@ -359,6 +354,22 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
                 if counted[1] is not None:
                     counted[1].inc()
                 counted[2].observe(time.perf_counter() - t0)
+
+            async def send_status(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    status[0] = message["status"]
+                elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                    record()   # before the client has the answer: a scrape after it counts this request
+                await send(message)
+
+            try:
+                handler = scoring.get(path)
+                if handler is not None:
+                    await scoring_endpoint(handler, scope, receive, send_status)
+                else:
+                    await self.app(scope, receive, send_status)
+            finally:
+                record()
 
     async def load_bundle(path: Any) -> Any:
         """The bundle directory read again; a DataError after 3 tries (replaced while read, or unreadable)."""
@@ -490,6 +501,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="near-line queue of unknown/changed users for 'cocorec knowledge refresh' "
                         "(default: <bundle>.queue.jsonl)")
     p.add_argument("--max-queue", type=int, default=100_000, help="most users queued at once")
+    p.add_argument("--model-threads", type=int, default=1,
+                   help="model passes that may run at once in a process, each on its own thread (default 1)")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes (default 1); a /reload or a knowledge refresh reaches all of them and "
                         "/metrics counts all of them")
@@ -512,7 +525,8 @@ def worker_app() -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     from cocorec.config import ConfigError
 
-    for name in ("port", "max_candidates", "max_history", "max_body_bytes", "threads", "max_queue", "workers"):
+    for name in ("port", "max_candidates", "max_history", "max_body_bytes", "threads", "max_queue", "workers",
+                 "model_threads"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     import uvicorn
@@ -524,7 +538,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
     settings = dict(api_key=key, max_candidates=args.max_candidates, max_history=args.max_history,
                     max_body_bytes=args.max_body_bytes, torch_threads=args.threads, batching=not args.no_batching,
-                    queue=args.queue, max_queue=args.max_queue, jit=not args.no_jit)
+                    queue=args.queue, max_queue=args.max_queue, jit=not args.no_jit,
+                    model_threads=args.model_threads)
     # the bundle is read here first in both cases: a bad one is a one-line error before any worker starts
     scorer = BundleScorer(args.bundle, jit=not args.no_jit and args.workers == 1)
     engine = scorer.engine if args.workers == 1 else "eager" if args.no_jit else "jit"
