@@ -8,8 +8,11 @@ process with ``train.deterministic`` on and off (the same seed: the metrics must
 
     python benchmarks/bench_ddp.py --methods base,kar --seeds 0,1,2
     python benchmarks/bench_ddp.py --deterministic --seeds 0
+    python benchmarks/bench_ddp.py --methods coco --seeds 0 --max-steps-per-epoch 8 --set train.epochs=1
 
 The kar rows need the KAR knowledge cached (``cocorec knowledge generate --dataset ml-100k --method kar``).
+``--max-steps-per-epoch K``: a few steps per epoch, to time a step (CoCo: its time per step leaves
+out the bank refills, reported beside it) rather than to compare metrics.
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def step_seconds(m: dict) -> tuple[float, float]:
+    """(seconds per training step without CoCo's bank refills, seconds of those refills) of a run (rank 0's)."""
+    refill = float(m.get("diagnostics", {}).get("timing", {}).get("bank_refresh_s", 0.0))
+    return (m["train"]["train_seconds"] - refill) / max(m["train"]["steps"], 1), refill
 
 
 def train(out: Path, argv: list[str], processes: int, threads: int) -> tuple[dict, float]:
@@ -48,6 +57,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the 1-process run")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra --set for every run")
+    ap.add_argument("--max-steps-per-epoch", type=int, default=None, help="train.max_steps_per_epoch (timing)")
     ap.add_argument("--deterministic", action="store_true", help="time train.deterministic on vs off instead")
     ap.add_argument("--keep", default=None, help="keep the runs in this directory")
     args = ap.parse_args()
@@ -59,6 +69,8 @@ def main() -> None:
         for seed in seeds:
             argv = ["--dataset", args.dataset, "--backbone", args.backbone, "--method", method, "--seed", str(seed)]
             argv += [a for kv in args.overrides for a in ("--set", kv)]
+            if args.max_steps_per_epoch:
+                argv += ["--set", f"train.max_steps_per_epoch={args.max_steps_per_epoch}"]
             tag = f"{args.backbone}-{method}-{seed}"
             if args.deterministic:
                 runs = {"on": None, "off": None}
@@ -76,8 +88,10 @@ def main() -> None:
             one, w1 = train(root / f"{tag}-1p", argv, 1, args.threads)
             two, w2 = train(root / f"{tag}-2p", argv, 2, 1)
             rows.append((method, seed, one, two, w1, w2))
-            print(f"{tag}: 1 process AUC {one['test']['auc']:.4f} ({w1:.0f} s) | 2 processes AUC "
-                  f"{two['test']['auc']:.4f} ({w2:.0f} s)", flush=True)
+            (s1, r1), (s2, r2) = step_seconds(one), step_seconds(two)
+            print(f"{tag}: 1 process AUC {one['test']['auc']:.4f} ({w1:.0f} s, {s1:.2f} s/step, refills {r1:.0f} s)"
+                  f" | 2 processes AUC {two['test']['auc']:.4f} ({w2:.0f} s, {s2:.2f} s/step, refills {r2:.0f} s)"
+                  f" | step time 2/1: {s2 / s1:.2f}", flush=True)
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
     if args.deterministic:
         print("\n| method | seed | test AUC on | test AUC off | train s on | train s off | identical |")
