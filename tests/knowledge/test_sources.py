@@ -111,12 +111,36 @@ def test_cache_keys_differ_per_source_and_corruption(toy, tmp_path):
     ("coco", "method.corrupt=-0.1", "corrupt must be a fraction in [0, 1]"),
     ("r4ec", "method.source=oracle", "method r4ec cannot take source 'oracle'"),
     ("field", "method.source=lm", "method field cannot take source 'lm'"),
+    ("field", "method.view=words", "view must be one of ('full', 'text')"),
 ])
 def test_bad_sources_are_one_line_errors_before_any_data(method, setting, message, tmp_path, capsys):
     # the dataset does not exist: the error must come from the setting, before any data is read
     code = main(["train", "--dataset", str(tmp_path / "no-such-data"), "--method", method, "--set", setting])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["toy", "ml100k"])   # ml-100k: 18 genres, of which the text names 6
+def test_the_text_view_of_the_oracle_holds_exactly_the_numbers_its_text_states(name, toy, request):
+    import re
+
+    data = toy if name == "toy" else request.getfixturevalue(name)
+    src = UserSource(data, "oracle", 0.0, seed=0)
+    tags = list(data.meta["tag_vocab"])
+    full, text = src.vectors("full"), src.vectors("text")
+    assert full.shape == text.shape and not np.allclose(full, text)
+    for u in range(0, data.n_users, max(1, data.n_users // 100)):
+        said = src.oracle_text(u)
+        rate = int(re.search(r"they liked (\d+)%", said).group(1)) / 100
+        stated = re.findall(r"([A-Za-z][\w'-]*) (\d+)%", said.split(": ", 2)[-1])
+        named = {tags.index(t): int(p) / 100 for t, p in stated}
+        want = np.full(len(tags), rate)
+        want[list(named)] = list(named.values())
+        assert text[u, 0] == pytest.approx(rate) and np.allclose(text[u, 1:], want), said
+        cols = [0] + [j + 1 for j in named]   # the stated numbers are the full view's, to a whole percent
+        assert np.abs(full[u, cols] - text[u, cols]).max() <= 0.005 + 1e-6
+    with pytest.raises(ValueError, match="oracle source only"):
+        UserSource(toy, "template", 0.0, seed=0).vectors("text")
 
 
 def test_field_method_carries_a_per_user_vector_and_permuting_it_is_measured(toy, tmp_path):

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from cocorec.config import ConfigError
 from cocorec.knowledge.base import KnowledgeMethod, register_method
-from cocorec.knowledge.sources import LEAK, check_source
+from cocorec.knowledge.sources import FIELD_VIEWS, LEAK, check_source
 
 __all__ = ["FieldMethod", "field_width"]
 
@@ -39,15 +40,21 @@ class FieldMethod(KnowledgeMethod):
     """One knowledge field holding the source's numeric vector of the sample's user.
 
     Config keys: ``source`` (``oracle`` or ``template``), ``corrupt`` (fraction of users whose vector
-    is inverted), ``standardize`` (z-score with the training users' statistics; default on).
+    is inverted), ``standardize`` (z-score with the training users' statistics; default on), ``view``
+    (``full``: every number of the source; ``text``: the oracle's numbers as its text states them -
+    the label rate and the top genres to a whole percent - the ceiling of an LM method reading that text).
     """
 
     name = "field"
 
-    def __init__(self, source: str = "oracle", corrupt: float = 0.0, standardize: bool = True) -> None:
+    def __init__(self, source: str = "oracle", corrupt: float = 0.0, standardize: bool = True,
+                 view: str = "full") -> None:
         super().__init__()
         check_source(self.name, source, corrupt)
-        self.source, self.corrupt, self.standardize = source, float(corrupt), bool(standardize)
+        if view not in FIELD_VIEWS or (view == "text" and source != "oracle"):
+            raise ConfigError(f"field: view must be one of {FIELD_VIEWS} ('text' with source=oracle only), "
+                              f"got {view!r}")
+        self.source, self.corrupt, self.standardize, self.view = source, float(corrupt), bool(standardize), view
         self.register_buffer("user_vec", torch.zeros(0, 0))
         self.knowledge_names = ["user"]
 
@@ -55,7 +62,7 @@ class FieldMethod(KnowledgeMethod):
         self.knowledge_dims = [field_width(self.source, spec.n_tags - 1)]
 
     def prepare(self, data: Any, output_dir: Path | None = None) -> None:
-        vec = self.user_source(data).vectors()
+        vec = self.user_source(data).vectors(self.view)
         if vec.shape[1] != self.knowledge_dims[0]:
             raise RuntimeError(f"field: the data has {vec.shape[1]} features, the model was bound to "
                                f"{self.knowledge_dims[0]}")
@@ -76,4 +83,5 @@ class FieldMethod(KnowledgeMethod):
 
     def config_dict(self) -> dict[str, Any]:
         return {"method": self.name, "source": self.source, "corrupt": self.corrupt, "standardize": self.standardize,
+                **({"view": self.view} if self.view != "full" else {}),
                 **({"leak": LEAK} if self.source == "oracle" else {})}

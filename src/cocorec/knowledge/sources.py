@@ -58,8 +58,8 @@ import pandas as pd
 
 from cocorec.config import ConfigError
 
-__all__ = ["SOURCES", "LEAK", "UserSource", "check_source", "data_domain", "derangement", "has_ratings", "item_noun",
-           "source_label"]
+__all__ = ["SOURCES", "FIELD_VIEWS", "LEAK", "UserSource", "check_source", "data_domain", "derangement", "has_ratings",
+           "item_noun", "source_label"]
 
 #: Every source and what it is (the oracle's line names the leak wherever it is shown).
 SOURCES: dict[str, str] = {
@@ -69,6 +69,8 @@ SOURCES: dict[str, str] = {
     "shuffled": "another user's knowledge (a seeded derangement of users)",
 }
 #: What the oracle leaks, recorded in the config of every run that uses it.
+#: What a ``field`` holds of its source: every number (``full``) or, for the oracle, only the numbers its text states.
+FIELD_VIEWS = ("full", "text")
 LEAK = "oracle source: label rates of the user's own CTR samples, test labels included (a diagnostic leak)"
 
 #: Sources each method can take (a method not listed takes every source).
@@ -277,8 +279,7 @@ class UserSource:
         dom = data_domain(self.data)
         by = "genre" if dom.tag_label == "Genres" else dom.tag_label.lower()
         tags = self.data.meta["tag_vocab"]
-        top = [j for j in np.argsort(-counts, kind="stable") if counts[j] > 0][:6]
-        genre = ", ".join(f"{tags[j]} {100 * per_tag[j]:.0f}%" for j in top)
+        genre = ", ".join(f"{tags[j]} {100 * per_tag[j]:.0f}%" for j in _named_tags(counts))
         if _implicit(self.data):   # the samples: the user's own items and the sampled negatives
             return (f"Of the {dom.item_noun_plural} this user was shown, they interacted with {100 * rate:.0f}%."
                     + (f" Interacted with, by {by}: {genre}." if genre else ""))
@@ -287,11 +288,15 @@ class UserSource:
                 + (f" Liked by {by}: {genre}." if genre else ""))
 
     # ------------------------------------------------------------------ vectors (the direct field)
-    def vectors(self) -> np.ndarray:
-        """``[n_users, D]`` numeric knowledge of ``oracle`` or ``template`` (raw, not standardised)."""
+    def vectors(self, view: str = "full") -> np.ndarray:
+        """``[n_users, D]`` numeric knowledge of ``oracle`` or ``template`` (raw, not standardised);
+        ``view="text"``: the oracle's numbers as its text states them (:meth:`oracle_text_vector`)."""
         if self.source not in ("oracle", "template"):
             raise ValueError(f"source {self.source!r} has no numeric vector (oracle and template do)")
-        f = self.oracle_vector if self.source == "oracle" else self.template_vector
+        if view not in FIELD_VIEWS or (view == "text" and self.source != "oracle"):
+            raise ValueError(f"view must be one of {FIELD_VIEWS} ('text' with the oracle source only), got {view!r}")
+        f = self.template_vector if self.source == "template" else \
+            self.oracle_vector if view == "full" else self.oracle_text_vector
         return np.stack([f(int(self.knowledge_user[u]), bool(self.corrupted[u]))
                          for u in range(self.data.n_users)]).astype(np.float32)
 
@@ -299,6 +304,17 @@ class UserSource:
         """[label rate, positive rate per genre] over ``u``'s samples (genre rates shrunk to the user's rate)."""
         rate, per_tag, _ = self._oracle(u, corrupted)
         return np.concatenate([[rate], per_tag])
+
+    def oracle_text_vector(self, u: int, corrupted: bool | None = None) -> np.ndarray:
+        """:meth:`oracle_vector` holding only what :meth:`oracle_text` says: the label rate and the named
+        genres' rates to a whole percent; every genre the text leaves out at the stated label rate (the
+        value the genre rates shrink towards). The ceiling of a perfect reader of the oracle text."""
+        rate, per_tag, counts = self._oracle(u, corrupted)
+        stated = np.round(100 * rate) / 100
+        out = np.full(len(per_tag), stated)
+        named = _named_tags(counts)
+        out[named] = np.round(100 * per_tag[named]) / 100
+        return np.concatenate([[stated], out])
 
     def template_vector(self, u: int, corrupted: bool | None = None) -> np.ndarray:
         """[mean rating / 5, rating std / 2, liked share, log history length, per genre: share of the
@@ -347,6 +363,11 @@ class UserSource:
         if bad:
             rate, per_tag = 1.0 - rate, 1.0 - per_tag
         return rate, per_tag, counts
+
+
+def _named_tags(counts: np.ndarray, n: int = 6) -> list[int]:
+    """The ``n`` tags the oracle text names: the user's most frequent ones (ties by tag order)."""
+    return [int(j) for j in np.argsort(-counts, kind="stable") if counts[j] > 0][:n]
 
 
 def data_domain(data: Any) -> Any:
