@@ -252,3 +252,47 @@ def test_two_model_threads_answer_as_one(bundle_dir):
 
     for got, body in zip(asyncio.run(go()), bodies):
         np.testing.assert_allclose(got["scores"], b.score(body["user"], body["items"]).scores, rtol=0, atol=1e-6)
+
+
+def test_a_worker_that_dies_is_replaced_and_serves_the_published_bundle(bundle_dir, tmp_path):
+    import signal
+    import time
+
+    path = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, path)
+    with live_server(path, "--workers", "2") as (url, _):
+        conns = _one_client_per_worker(url)
+        _variant(path, "late")
+        r = httpx.post(f"{url}/reload", timeout=120)
+        assert r.status_code == 200 and r.json()["workers"] == 2
+        victim = next(iter(conns))
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.time() + 120
+        while True:   # the service answers; a new worker comes up beside the survivor
+            try:
+                h = httpx.get(f"{url}/healthz", timeout=60).json()
+            except httpx.TransportError:   # a connection the dead worker's socket held: reset, as by any crash
+                assert time.time() < deadline, "the service stopped answering"
+                time.sleep(0.1)
+                continue
+            assert h["bundle_id"] == r.json()["bundle_id"] and h["users"] == len(BundleScorer(path).user_ids)
+            if h["pid"] not in conns:
+                break
+            assert time.time() < deadline, "no new worker"
+            time.sleep(0.2)
+        for c in conns.values():
+            c.close()
+
+
+def test_a_port_taken_by_another_program_is_a_one_line_error(bundle_dir, capsys):
+    import socket
+
+    from cocorec.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", "--bundle", str(bundle_dir), "--port", str(port), "--workers", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and f"cannot bind 127.0.0.1:{port}" in err[-1]

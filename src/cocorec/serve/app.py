@@ -33,7 +33,10 @@ Checks: the API key (``X-API-Key`` header, when the service has one: 401 without
 (413), JSON (400), the types and the limits (422: at most ``max_candidates`` items, ``max_history``
 history entries, ``k`` >= 1). Concurrent requests are batched: while a pass through the model runs, the
 requests that arrive wait and then go through the next pass together (one worker thread, ``--threads``
-torch threads); ``--no-batching`` scores each request on its own in the thread pool.
+torch threads; ``--model-threads K``: up to K passes at once); ``--no-batching`` scores each request on
+its own in the thread pool. ``--workers N`` runs N processes on the port (:mod:`cocorec.serve.fleet`):
+``/reload`` and a knowledge refresh's swap reach all of them before ``/reload`` answers, ``/metrics``
+counts all of them, and the queue file is shared.
 
 This module imports nothing heavy until an app is made: the command line builds its parser from here.
 """
@@ -563,8 +566,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ.update({ENV: json.dumps({**settings, "bundle": str(Path(args.bundle).resolve()),
                                         "state_dir": str(state)}),
                        "PROMETHEUS_MULTIPROC_DIR": str(state / "metrics"), "OMP_NUM_THREADS": str(args.threads)})
-    try:   # spawned workers (uvicorn's supervisor restarts one that dies), one socket
-        uvicorn.run("cocorec.serve.app:worker_app", factory=True, workers=args.workers, **common)
+    try:
+        return _supervise(args.workers, args.host, args.port)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -572,7 +575,85 @@ def cmd_serve(args: argparse.Namespace) -> int:
             else:
                 os.environ[k] = v
         shutil.rmtree(state, ignore_errors=True)
-    return 0
+
+
+def _listener(host: str, port: int) -> Any:
+    """A TCP socket bound to (host, port) with SO_REUSEPORT, not listening yet (uvicorn listens once the
+    worker's app is up): every worker binds its own and the kernel spreads the connections over them."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _worker_main(host: str, port: int, ready: Any) -> None:   # pragma: no cover - runs in a spawned worker
+    import uvicorn
+
+    config = uvicorn.Config("cocorec.serve.app:worker_app", factory=True, host=host, port=port, log_level="warning",
+                            access_log=False, proxy_headers=False)
+    config.load()   # the bundle first: a worker takes connections only once it can score them
+    sock = _listener(host, port)
+    ready.set()
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _supervise(workers: int, host: str, port: int) -> int:
+    """Run ``workers`` worker processes (spawned) on one port and restart one that dies; each has its own
+    SO_REUSEPORT socket. uvicorn's ``--workers`` shares one socket instead, and a worker's event loop
+    accepts every connection that is waiting when it wakes: of 8 connections opened at once, all 8 went
+    to one worker in half the tries; with a socket each the kernel spreads them by a hash of the address."""
+    import multiprocessing
+    import signal
+
+    from cocorec.config import ConfigError
+
+    try:   # the port is free (or ours): a one-line error here, not N workers failing one by one
+        hold = _listener(host, port)
+    except OSError as e:
+        raise ConfigError(f"cannot bind {host}:{port}: {e.strerror or e}") from None
+    ctx = multiprocessing.get_context("spawn")
+    stop = {"signal": None}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop["signal"] = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    procs: list[Any] = []
+    try:
+        def start() -> Any:
+            ready = ctx.Event()   # set by the worker once its app is up: one that dies before could not start
+            p = ctx.Process(target=_worker_main, args=(host, port, ready), daemon=False)
+            p.ready = ready
+            p.start()
+            return p
+
+        procs = [start() for _ in range(workers)]
+        while stop["signal"] is None:
+            time.sleep(0.2)
+            for i, p in enumerate(procs):
+                if p.is_alive() or stop["signal"] is not None:
+                    continue
+                if not p.ready.is_set():   # it could not load the bundle or bind: say so, do not loop
+                    raise ConfigError(f"worker {p.pid} exited with code {p.exitcode} while starting; see its "
+                                      f"error above")
+                print(f"worker {p.pid} exited with code {p.exitcode}; starting another", file=sys.stderr, flush=True)
+                procs[i] = start()
+        return 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()   # uvicorn's graceful shutdown: requests in flight are answered
+        for p in procs:
+            p.join(15)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        for s, h in old.items():
+            signal.signal(s, h)
+        hold.close()
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:

@@ -1,9 +1,10 @@
 """Worker processes of one service (``cocorec serve --workers N``) that serve one bundle, all of them.
 
-uvicorn starts N processes that accept on one socket; each loads the bundle and scores on its own core
-(one process saturates one core: the model pass and the Python around it hold one interpreter). What
-one worker is asked must reach every worker, through a state directory the service's main process
-creates (and removes at exit):
+The service's main process starts N spawned processes (and starts another when one dies), each with
+its own SO_REUSEPORT socket on the port; each loads the bundle, runs uvicorn and scores on its own core
+(one process saturates one core: the Python around the model pass holds one interpreter). What one
+worker is asked must reach every worker, through a state directory the main process creates (and
+removes at exit):
 
 * ``generation.json``: ``{"generation": g, "bundle_id": ...}``, the bundle the service serves, written
   atomically under ``generation.json.lock`` (:meth:`Fleet.publish`); each worker polls it every ``POLL_S``
