@@ -29,6 +29,13 @@ def decode(x: np.ndarray, vec: np.ndarray) -> tuple[float, float]:
     return r2(x, vec[:, 0]), float(np.mean([r2(x, vec[:, j]) for j in range(1, vec.shape[1])]))
 
 
+def held_out(x: np.ndarray, y: np.ndarray, train: np.ndarray) -> tuple[float, float]:
+    """R^2 of a ridge fitted on the training users, on the training users and on the others (the
+    validation and test users, whose knowledge the method computes without having trained on them)."""
+    m = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(x[train], y[train])
+    return float(m.score(x[train], y[train])), float(m.score(x[~train], y[~train]))
+
+
 for path in sys.argv[1:]:
     cfg = json.load(open(f"{path}/bundle.json"))
     ids = json.load(open(f"{path}/ids.json"))
@@ -46,8 +53,12 @@ for path in sys.argv[1:]:
     k = k.numpy()
     share = lambda x: float(((x - x.mean(0)) ** 2).sum() / max((x ** 2).sum(), 1e-12))   # noqa: E731
     print(f"{cfg['backbone']} {cfg['method']}{cfg.get('method_args') or ''} ({path}):")
+    train = np.zeros(len(vec), dtype=bool)
+    train[np.unique(data.split("train").user)] = True
     for name, x in (("method output", k), ("after the projection", proj)):
         lr, gr = decode(x, vec)
+        fit, other = held_out(x, vec[:, 0], train)
         print(f"  {name:22s} {x.shape[1]:3d}-d: R2 label rate {lr:.3f}, genre rates (mean) {gr:.3f}; "
-              f"between-user share {share(x):.3f}")
+              f"between-user share {share(x):.3f}; label rate fitted on the {train.sum()} training users: "
+              f"{fit:.3f} on them, {other:.3f} on the {(~train).sum()} others")
     torch.set_num_threads(1)
