@@ -358,7 +358,7 @@ def main() -> int:
                 p50, p99 = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
                 ref_p99 = p99s[refs.get(name, named[0][0])]
                 rows.append({"bundle": name, "method": info[name]["method"], "workers": workers[name] or 1,
-                             "model_threads": mthreads[name] or 1,
+                             "model_threads": 1 if mthreads[name] is None else mthreads[name],
                              "ref": refs.get(name, named[0][0]), "clients": c, "requests": len(lat),
                              "errors": err, "req_per_s": len(lat) / wall, "p50_ms": p50, "p99_ms": p99,
                              "max_ms": float(ms.max()), "p99_vs_first": p99 / ref_p99,

@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["create_app", "add_serve_args", "cmd_serve", "add_export_args", "cmd_export", "worker_app"]
+__all__ = ["create_app", "add_serve_args", "cmd_serve", "add_export_args", "cmd_export"]
 
 MAX_CANDIDATES = 1000
 MAX_HISTORY = 200
@@ -513,7 +513,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="run the backbone eagerly (default: a frozen TorchScript trace, checked against it at load)")
 
 
-def worker_app() -> Any:
+def _worker_app() -> Any:
     """The app of one worker of ``cocorec serve --workers N`` (uvicorn calls this factory in each process
     it starts): the settings come from the main process in ``$COCOREC_SERVE_WORKER`` (:mod:`cocorec.serve.fleet`)."""
     from cocorec.serve.bundle import BundleScorer
@@ -592,7 +592,7 @@ def _listener(host: str, port: int) -> Any:
 def _worker_main(host: str, port: int, ready: Any) -> None:   # pragma: no cover - runs in a spawned worker
     import uvicorn
 
-    config = uvicorn.Config("cocorec.serve.app:worker_app", factory=True, host=host, port=port, log_level="warning",
+    config = uvicorn.Config("cocorec.serve.app:_worker_app", factory=True, host=host, port=port, log_level="warning",
                             access_log=False, proxy_headers=False)
     config.load()   # the bundle first: a worker takes connections only once it can score them
     sock = _listener(host, port)
