@@ -258,6 +258,18 @@ def test_the_trainer_adds_the_backbones_auxiliary_loss_under_coco(toy_data):
 
 
 
+def test_the_bank_refill_shows_a_bar_in_a_terminal(toy_data, capsys):
+    tr, m, model = _setup(toy_data, lm_batch_users=4)
+    capsys.readouterr()
+    m.kv.progress = True    # as in a terminal
+    m.refresh_bank()
+    err, n = capsys.readouterr().err, len(m._train_users)
+    assert "CoCo bank refill:" in err and f"/{n} [" in err and n > 4   # users done / all, then the timing
+    m.kv.progress = False
+    m.refresh_bank()
+    assert capsys.readouterr().err == ""
+
+
 NO_PHASE = {"max_phases": 0}
 PHASE = {"delta": -5.0, "rate_threshold": -1.0, "rate_window": 1, "warmup_steps": 1, "phase_steps": 2,
          "cooldown_steps": 100}

@@ -73,6 +73,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from cocorec.coco.bank import BANK_KINDS, UserBank
 from cocorec.coco.codebook import CodebookConfig, perplexity
@@ -446,11 +447,15 @@ class CoCo(KnowledgeMethod):
         # Under torchrun each rank computes a shard of the rows, then every rank takes all of them (the
         # text caches above stay whole: every rank's batches read any user's).
         lo, hi = distributed.shard(len(users))
+        bar = tqdm(total=hi - lo, unit="user", desc="CoCo bank refill", leave=False, dynamic_ncols=True,
+                   disable=not self.kv.progress or hi - lo <= self.cfg.lm_batch_users)
         for start in range(lo, hi, self.cfg.lm_batch_users):
             u = users[start:min(start + self.cfg.lm_batch_users, hi)]
             _, prompts, _, _ = self._codes_and_prompts(u, record=False)
             h_p, h_t, mask = self._prompt_states(u, prompts, version=version)
             self.bank.put(u, h_p if self.cfg.bank == "states" else self._read(h_p, h_t, mask))
+            bar.update(len(u))
+        bar.close()
         if distributed.world_size() > 1:
             self.bank.put(users, torch.from_numpy(distributed.all_gather_rows(self.bank.table[users[lo:hi]].cpu()
                                                                               .numpy())))
