@@ -142,3 +142,14 @@ def test_resume_refuses_a_state_written_on_other_data(ml100k, tmp_path):
     state.write_text(json.dumps(meta))
     with pytest.raises(RunError, match="written on other data"):
         _trainer(ml100k, out=tmp_path, epochs=2).fit()
+
+
+def test_prediction_over_several_batches_shows_a_bar_unless_quiet(ml100k, capsys):
+    torch.manual_seed(0)
+    model = build_model("din", ml100k.spec, knowledge_dims=[])
+    cfg = TrainConfig(epochs=1, batch_size=256, eval_batch_size=2048, threads=1)
+    n = ml100k.split("val").n
+    Trainer(model, build_method("base"), ml100k, cfg, quiet=False).predict("val")
+    assert "predict val:" in capsys.readouterr().err and n > 2048
+    Trainer(model, build_method("base"), ml100k, cfg, quiet=True).predict("val")
+    assert capsys.readouterr().err == ""

@@ -359,6 +359,9 @@ class Trainer:
         perm = torch.from_numpy(np.asarray(user_perm)) if user_perm is not None else None
         probs, fields = [], []
         rows = distributed.eval_rows(self.data.split(split).n)
+        # a method that computes knowledge per batch (CoCo's k_u through the LM) makes this step minutes long
+        bar = tqdm(total=len(rows), unit="sample", desc=f"predict {split}", leave=False, dynamic_ncols=True,
+                   disable=self.quiet or len(rows) <= self.cfg.eval_batch_size)
         for start in range(0, len(rows), self.cfg.eval_batch_size):
             batch = to_device(self.data.batch(split, rows[start:start + self.cfg.eval_batch_size]), self.device)
             with self._autocast():
@@ -371,6 +374,8 @@ class Trainer:
             probs.append(torch.sigmoid(logits.float()).cpu().numpy())
             if keep_knowledge and knowledge is not None:
                 fields.append([k.float().cpu().numpy() for k in knowledge])
+            bar.update(len(logits))
+        bar.close()
         s = self.data.split(split)
         prob = distributed.all_gather_rows(np.concatenate(probs) if probs else np.zeros(0, np.float32))
         out: dict[str, Any] = {"prob": prob, "label": s.label, "user": s.user}
