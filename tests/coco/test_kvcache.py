@@ -119,6 +119,21 @@ def test_base_entries_are_shared_across_runs(lm, tmp_path):
     assert UserTextKVCache.from_texts(lm, TEXTS, **kw).ensure([0, 1, 2]) == 0
 
 
+def test_auto_storage_on_a_cpu_keeps_the_base_entries_for_later_runs(lm, tmp_path):
+    kw = dict(dtype="float32", shared_dir=tmp_path / "shared")
+    first = UserTextKVCache.from_texts(lm, TEXTS, storage="auto", **kw)
+    assert first.storage == "memory" and first.shared_dir is not None
+    assert first.ensure(range(len(TEXTS))) == len(TEXTS)
+    later = UserTextKVCache.from_texts(lm, TEXTS, storage="auto", **kw)
+    assert later.ensure(range(len(TEXTS))) == 0                         # read back, not rebuilt
+    ram = UserTextKVCache.from_texts(lm, TEXTS, storage="memory", **kw)  # memory asked for: no disk at all
+    assert ram.shared_dir is None and ram.ensure(range(len(TEXTS))) == len(TEXTS)
+    users, suffix = torch.tensor([3, 1]), torch.randn(2, 3, lm.hidden_size)
+    assert torch.equal(later.suffix_hidden(users, suffix)[0], ram.suffix_hidden(users, suffix)[0])
+    # an adapted LM's entries stay in this run's memory
+    assert later.ensure([0], version=("lora", 1.0)) == 1 and later.directory is None
+
+
 @pytest.mark.parametrize("storage,dtype", [("memory", "float32"), ("disk", "float32"), ("disk", "bf16")])
 def test_gather_returns_each_users_own_kv_and_zero_padding(lm, tmp_path, storage, dtype):
     """The one-scatter build and one-gather read put every token where the LM's own cache has it."""

@@ -157,7 +157,7 @@ def test_coco_trains_end_to_end_on_din(toy_data, tmp_path):
 @pytest.mark.parametrize("scope", ["all", "suffix"])
 def test_phase_rebuilds_text_caches_once_after_the_phase(toy_data, scope):
     kw = dict(delta=-5.0, rate_threshold=-1.0, rate_window=1, warmup_steps=1, cooldown_steps=100, phase_steps=3,
-              knowledge_dropout=0.0, lora_scope=scope)
+              knowledge_dropout=0.0, lora_scope=scope, kv_shared=False)   # counts builds
     tr, m, model = _setup(toy_data, **kw)
     batch = _batch(toy_data, tr)
     _step(tr, m, model, batch, step=0)                 # collaboration: fills the bank (builds train users)

@@ -62,7 +62,7 @@ from cocorec.config import ConfigError
 from cocorec.knowledge.lm import LM, cache_from_kv, kv_from_cache, resolve_dtype
 from cocorec.utils.io import key_of
 
-__all__ = ["BASE", "UserTextKVCache", "kv_bytes_per_token"]
+__all__ = ["BASE", "UserTextKVCache", "kv_bytes_per_token", "resolve_storage"]
 
 _NP_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
@@ -228,6 +228,27 @@ class _SharedSlot(_Slot):
 STORAGES = ("auto", "memory", "device", "disk")
 
 
+def resolve_storage(storage: str, total_bytes: int, memory_limit_gb: float, device: torch.device | str,
+                    free_device_bytes: int | None = None) -> str:
+    """Where a cache of ``total_bytes`` goes. ``auto``: on a CUDA device, the device itself while the
+    cache takes at most half of its free memory (no copy per step, no disk); else host memory up to
+    ``memory_limit_gb``; else a memory-mapped file.
+
+    Example:
+        >>> resolve_storage("auto", 10**9, 2.0, "cpu"), resolve_storage("auto", 3 * 10**9, 2.0, "cpu")
+        ('memory', 'disk')
+        >>> resolve_storage("auto", 20 * 10**9, 2.0, "cuda", free_device_bytes=100 * 10**9)
+        'device'
+    """
+    if storage != "auto":
+        return storage
+    if torch.device(device).type == "cuda":
+        free = torch.cuda.mem_get_info(torch.device(device))[0] if free_device_bytes is None else free_device_bytes
+        if total_bytes <= free // 2:
+            return "device"
+    return "memory" if total_bytes <= memory_limit_gb * 1e9 else "disk"
+
+
 @dataclass
 class KVConfig:
     """The user-text cache's settings (config keys: ``--set method.kv_storage=disk``).
@@ -239,7 +260,7 @@ class KVConfig:
 
     max_text_tokens: int = 384        # longer texts keep their head (profile) and their tail (recent history)
     kv_dtype: str = "bf16"            # storage dtype of the cached states
-    kv_storage: str = "auto"          # memory, device, disk, or auto (memory up to kv_memory_limit_gb)
+    kv_storage: str = "auto"          # memory, device, disk, or auto (resolve_storage: device on a GPU, memory, disk)
     kv_memory_limit_gb: float = 2.0
     kv_batch_tokens: int = 4096       # tokens per LM pass when building the cache
     kv_dir: str | None = None         # where disk storage goes (default: the temp dir)
@@ -294,15 +315,18 @@ class UserTextKVCache:
         self.kv_width = self.n_layers * 2 * self.n_kv_heads * self.head_dim
         n_tok = int(self.offsets[-1])
         total = n_tok * (self.kv_width + (self.hidden_size if keep_hidden else 0)) * torch.finfo(self.dtype).bits // 8
-        if storage == "auto":
-            storage = "memory" if total <= memory_limit_gb * 1e9 else "disk"
-        self.storage = storage
+        chosen = resolve_storage(storage, total, memory_limit_gb, lm.device)
+        # The base LM's entries depend on nothing a run changes: with disk storage, and with "auto" on a
+        # CPU, they go to the shared store, so later runs on the same texts skip the build (minutes on a
+        # CPU); on a GPU recomputing them costs less than reading them back.
+        share = chosen == "disk" or (storage == "auto" and chosen == "memory")
+        self.storage = storage = chosen
         self._directory = directory
         self.directory: Path | None = None
         self._run: _Slot | None = None
         self._shared: _SharedSlot | None = None
         self.shared_dir: Path | None = None
-        if shared_dir is not None and storage == "disk":
+        if shared_dir is not None and share:
             import hashlib
 
             h = hashlib.sha256()
