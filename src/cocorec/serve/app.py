@@ -506,9 +506,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=100_000, help="most users queued at once")
     p.add_argument("--model-threads", type=int, default=1,
                    help="model passes that may run at once in a process, each on its own thread (default 1)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="worker processes (default 1); a /reload or a knowledge refresh reaches all of them and "
-                        "/metrics counts all of them")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="worker processes (default 2, 1 on a 1-CPU machine: the best p99 measured on 2 cores, "
+                        "benchmarks/RESULTS.md); a /reload or a knowledge refresh reaches all of them and /metrics "
+                        "counts all of them")
     p.add_argument("--no-jit", action="store_true",
                    help="run the backbone eagerly (default: a frozen TorchScript trace, checked against it at load)")
 
