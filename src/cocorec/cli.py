@@ -20,7 +20,7 @@ from typing import Any, Callable
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from cocorec.config import ConfigError, parse_assignments  # noqa: E402
-from cocorec.errors import InputError  # noqa: E402
+from cocorec.errors import InputError, one_line  # noqa: E402
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
@@ -199,22 +199,18 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except InputError as e:   # bad data, setting, run, LM or cache: the message names what to fix
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except FloatingPointError as e:   # a diverged loss: the trainer names epoch, step and the fix
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     except OSError as e:   # disk full, permissions: the message names the file
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

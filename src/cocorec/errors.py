@@ -14,8 +14,19 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["InputError"]
+__all__ = ["InputError", "one_line"]
 
 
 class InputError(ValueError):
     """Bad input; the message names the file, row, field or setting at fault."""
+
+
+def one_line(e: BaseException, limit: int | None = None) -> str:
+    """``e``'s message on one line (whitespace collapsed), cut to ``limit`` characters; the exception's
+    type name when it has no message.
+
+    Example:
+        >>> one_line(ValueError("bad\\n  row 3")), one_line(KeyError()), one_line(OSError("x" * 9), limit=4)
+        ('bad row 3', 'KeyError', 'xxxx')
+    """
+    return " ".join(str(e).split())[:limit] or type(e).__name__

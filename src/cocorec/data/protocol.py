@@ -30,6 +30,7 @@ import torch
 
 from cocorec.data.errors import DataError
 from cocorec.data.raw import MOVIELENS, Domain, NegativeSampling, RawData, load_raw
+from cocorec.errors import one_line
 from cocorec.utils.io import atomic_replace_dir, cache_root, key_of, read_json, to_jsonable
 
 PROTOCOL_VERSION = 2   # 2: each user's LM history is their own (1 stored them in id-as-text order)
@@ -729,7 +730,7 @@ def prepare(dataset: str, config: ProtocolConfig | None = None, data_dir: str | 
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
             # a truncated or damaged cache (e.g. a disk that filled up): named, then rebuilt from the source
             print(f"note: processed-data cache {directory} is damaged ({type(e).__name__}: "
-                  f"{' '.join(str(e).split())[:120]}); rebuilding it", file=sys.stderr)
+                  f"{one_line(e, 120)}); rebuilding it", file=sys.stderr)
     if data is None:
         data = build(raw, cfg)
         data.meta["key"] = key

@@ -68,7 +68,7 @@ __all__ = [
     "save_safetensors_atomic",
 ]
 
-from cocorec.errors import InputError
+from cocorec.errors import InputError, one_line
 
 _FORMAT = 1
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -126,7 +126,7 @@ class _ShardedCache:
                 return stored
             why = f"a JSON {type(stored).__name__}, not an object"
         except (OSError, ValueError) as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            why = " ".join(str(e).split())[:120]
+            why = one_line(e, 120)
         other = [p.name for p in self.dir.glob("shard-*") if not p.name.endswith(self.suffix)]
         if other:
             raise CacheError(f"{meta_path}: unreadable ({why}) and the directory holds shards of another kind "

@@ -168,6 +168,7 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
     from starlette.concurrency import run_in_threadpool
 
     from cocorec.data.errors import DataError
+    from cocorec.errors import one_line
     from cocorec.serve.bundle import FALLBACK, BundleScorer
     from cocorec.serve.queue import UserQueue, default_queue_path
 
@@ -325,7 +326,7 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
         except HTTPException as e:
             body, status, extra = encode({"detail": e.detail}), e.status_code, ()
         except Exception as e:  # noqa: BLE001 - a bug: one line, as the app's handler of the other endpoints
-            body, status = encode({"detail": f"internal error: {' '.join(str(e).split())[:200]}"}), 500
+            body, status = encode({"detail": f"internal error: {one_line(e, 200)}"}), 500
         await respond(send, status, body, extra)
 
     class Metrics:
@@ -403,7 +404,7 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
             except DataError as e:
                 live["generation"] = gen   # stays on the old bundle; the /reload that published says why
                 reloads.labels("failed").inc()
-                fleet.ack(gen, live["scorer"].id, " ".join(str(e).split())[:200])
+                fleet.ack(gen, live["scorer"].id, one_line(e, 200))
                 continue
             if fleet.published()[0] > gen:   # published again while we loaded: the next round loads that
                 continue
@@ -429,7 +430,7 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:   # pragma: no cover - a bug
-        return JSONResponse({"detail": f"internal error: {' '.join(str(exc).split())[:200]}"}, status_code=500)
+        return JSONResponse({"detail": f"internal error: {one_line(exc, 200)}"}, status_code=500)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -452,7 +453,7 @@ def create_app(bundle: Any, *, api_key: str | None = None, max_candidates: int =
             new = await load_bundle(live["scorer"].path)
         except DataError as e:
             reloads.labels("failed").inc()
-            why = " ".join(str(e).split())[:200]
+            why = one_line(e, 200)
             raise HTTPException(409, f"reload refused, the old bundle stays: {why}") from None
         old_id = live["scorer"].id
         answer = {"bundle_id": new.id, "previous": old_id, "users": len(new.user_ids), "items": len(new.item_ids),

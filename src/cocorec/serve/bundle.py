@@ -46,6 +46,7 @@ import torch
 
 from cocorec.data.errors import DataError
 from cocorec.data.protocol import CTRData, FeatureSpec
+from cocorec.errors import one_line
 from cocorec.models import build_model
 from cocorec.utils.io import atomic_write_json, read_json, save_safetensors_atomic
 
@@ -302,7 +303,7 @@ def _frozen(b: "BundleScorer") -> tuple[Any, str]:
                 if got.shape != want.shape or float((got - want).abs().max()) > 1e-5:
                     return b.model, "eager (the trace differs from the backbone)"
     except Exception as e:  # noqa: BLE001 - any tracing failure: the backbone serves as it is
-        return b.model, f"eager (no trace: {' '.join(str(e).split())[:120]})"
+        return b.model, f"eager (no trace: {one_line(e, 120)})"
     return frozen, "jit"
 
 
@@ -342,7 +343,7 @@ class BundleScorer:
             cfg = read_json(p / "bundle.json")
             ids = read_json(p / "ids.json")
         except (ValueError, OSError) as e:
-            raise DataError(f"{p}: unreadable bundle.json / ids.json ({' '.join(str(e).split())[:200]})") from None
+            raise DataError(f"{p}: unreadable bundle.json / ids.json ({one_line(e, 200)})") from None
         if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
             raise DataError(f"{p / 'bundle.json'}: not a {FORMAT} file")
         self.config = cfg
@@ -356,7 +357,7 @@ class BundleScorer:
                     with safe_open(str(p / f), "pt") as h:
                         seen[f] = (h.metadata() or {}).get("bundle_id")
                 except Exception as e:  # noqa: BLE001 - a damaged file: named, one line
-                    raise DataError(f"{p / f}: not a readable safetensors file ({' '.join(str(e).split())[:200]})"
+                    raise DataError(f"{p / f}: not a readable safetensors file ({one_line(e, 200)})"
                                     ) from None
             odd = [f for f, v in seen.items() if v != self.id]
             if odd:
@@ -368,7 +369,7 @@ class BundleScorer:
             model.load_state_dict(load_safetensors(p / "model.safetensors"))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise DataError(f"{p}: bundle.json does not match model.safetensors "
-                            f"({' '.join(str(e).split())[:200]})") from None
+                            f"({one_line(e, 200)})") from None
         self.model = model.eval()
         # copies in memory: a file changed in place under a running service must not pull its tables away
         t = {k: v.clone() for k, v in load_safetensors(p / "tables.safetensors").items()}

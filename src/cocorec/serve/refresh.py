@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from cocorec.data.errors import DataError
+from cocorec.errors import one_line
 
 # numpy and torch are imported where used: the command line builds its parser from this module
 
@@ -229,7 +230,7 @@ def _requested(bundle: Any) -> dict[str, dict[str, Any]]:
     try:
         blob = read_json(p)
     except (ValueError, OSError) as e:
-        raise DataError(f"{p}: unreadable ({' '.join(str(e).split())[:200]})") from None
+        raise DataError(f"{p}: unreadable ({one_line(e, 200)})") from None
     if not isinstance(blob, dict) or blob.get("bundle_id") != bundle.id:
         raise DataError(f"{p}: of another export than bundle.json")
     return dict(blob["users"])
@@ -383,7 +384,7 @@ def _reload(url: str, api_key: str | None) -> dict[str, Any]:
     except urllib.error.HTTPError as e:
         raise DataError(f"{url}/reload answered {e.code}: {e.read()[:200].decode(errors='replace')}") from None
     except (urllib.error.URLError, OSError) as e:
-        raise DataError(f"{url}/reload: no answer ({' '.join(str(e).split())[:200]}); the bundle on disk is "
+        raise DataError(f"{url}/reload: no answer ({one_line(e, 200)}); the bundle on disk is "
                         f"refreshed, POST /reload when the service is up") from None
 
 

@@ -22,6 +22,7 @@ import torch
 
 from cocorec.data.errors import DataError
 from cocorec.data.protocol import CTRData, FeatureSpec, ProtocolConfig, prepare
+from cocorec.errors import one_line
 from cocorec.knowledge.base import KnowledgeMethod, build_method
 from cocorec.models import BaseModel, build_model
 from cocorec.train.trainer import load_safetensors
@@ -105,7 +106,7 @@ def read_item_ids(path: str | Path) -> list[str]:
         except ImportError as e:
             raise DataError(f"{p}: reading Parquet needs pandas and pyarrow ({e}); or give one id a line") from None
         except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a bad file
-            raise DataError(f"{p}: not a readable Parquet file ({' '.join(str(e).split())[:200]})") from None
+            raise DataError(f"{p}: not a readable Parquet file ({one_line(e, 200)})") from None
         if df.shape[1] != 1:
             cols = ", ".join(map(str, df.columns))
             raise DataError(f"{p}: expected one column of item ids, found {df.shape[1]} ({cols})")
@@ -189,10 +190,6 @@ def _read_checkpoint_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def _one_line(e: BaseException, limit: int = 240) -> str:
-    return " ".join(str(e).split())[:limit] or type(e).__name__
-
-
 def find_dataset(cfg: dict[str, Any], run_dir: Path) -> str:
     """The dataset a run was trained on, from any working directory: a built-in name as is; a directory at
     its recorded absolute path (``dataset_path``), else as given (relative to the working directory, as old
@@ -230,7 +227,7 @@ def run_data(run_dir: str | Path, cfg: dict[str, Any] | None = None, data_dir: s
     try:
         protocol = ProtocolConfig(**proto)
     except TypeError as e:
-        raise DataError(f"{where}: field 'protocol': {_one_line(e)}; {_DAMAGED}") from None
+        raise DataError(f"{where}: field 'protocol': {one_line(e, 240)}; {_DAMAGED}") from None
     if data_dir is None and cfg.get("data_dir") and Path(cfg["data_dir"]).is_dir():
         data_dir = cfg["data_dir"]
     name = dataset or find_dataset(cfg, Path(run_dir))
@@ -259,21 +256,21 @@ def load_scorer(run_dir: str | Path, data: CTRData | None = None, data_dir: str 
     try:
         spec = FeatureSpec(**cfg["spec"])
     except TypeError as e:
-        raise DataError(f"{where}: field 'spec': {_one_line(e)}; {_DAMAGED}") from None
+        raise DataError(f"{where}: field 'spec': {one_line(e, 240)}; {_DAMAGED}") from None
     try:
         method = build_method(cfg["method"], **cfg.get("method_args", {}))
         method.bind(spec)
     except (TypeError, ValueError) as e:
-        raise DataError(f"{where}: field 'method_args': {_one_line(e)}; {_DAMAGED}") from None
+        raise DataError(f"{where}: field 'method_args': {one_line(e, 240)}; {_DAMAGED}") from None
     try:
         model = build_model(cfg["backbone"], spec, knowledge_dims=cfg.get("knowledge_dims", []), **cfg.get("model", {}))
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
-        raise DataError(f"{where}: fields 'model'/'spec'/'knowledge_dims': {_one_line(e)}; {_DAMAGED}") from None
+        raise DataError(f"{where}: fields 'model'/'spec'/'knowledge_dims': {one_line(e, 240)}; {_DAMAGED}") from None
     tensors = load_safetensors(ck / "model.safetensors", hint=_DAMAGED)
     try:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        raise DataError(f"{where} does not match {ck / 'model.safetensors'} ({_one_line(e)}); was config.json "
+        raise DataError(f"{where} does not match {ck / 'model.safetensors'} ({one_line(e, 240)}); was config.json "
                         f"edited? restore it or retrain the run") from None
     if device:
         model.to(device)
@@ -283,6 +280,6 @@ def load_scorer(run_dir: str | Path, data: CTRData | None = None, data_dir: str 
     try:   # attach (CoCo loads its LM and builds its modules), restore, prepare for the data
         method.build(model, data, state=state)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        raise DataError(f"{where} does not match {ck / 'model.safetensors'} ({_one_line(e)}); was config.json "
+        raise DataError(f"{where} does not match {ck / 'model.safetensors'} ({one_line(e, 240)}); was config.json "
                         f"edited? restore it or retrain the run") from None
     return Scorer(model, method, cfg, data)

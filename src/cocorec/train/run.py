@@ -37,6 +37,7 @@ import torch
 
 from cocorec.config import ConfigError, RunError, apply_overrides, check_kwargs
 from cocorec.data.protocol import PROTOCOL_VERSION, CTRData, ProtocolConfig, prepare
+from cocorec.errors import one_line
 from cocorec.eval.knowledge import knowledge_report, user_derangement
 from cocorec.eval.metrics import evaluate_predictions, group_metrics
 from cocorec.knowledge.base import METHODS, build_method, check_method_args, import_methods, method_label
@@ -290,7 +291,7 @@ def inspect_output(cfg: RunConfig) -> OutputState:
         stored = read_json(found)
         old_key = stored["config"]["run_key"] if found == metrics_p else stored["run_key"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        why = f"no {e} field" if isinstance(e, KeyError) else (" ".join(str(e).split())[:120] or type(e).__name__)
+        why = f"no {e} field" if isinstance(e, KeyError) else one_line(e, 120)
         raise RunError(f"{found}: unreadable ({why}), so which run {out} holds is unknown; {fix}") from None
     key = cfg.key()
     if old_key == key:

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from cocorec.config import ConfigError, RunError, check_value
 from cocorec.data.errors import DataError
 from cocorec.data.protocol import CTRData
+from cocorec.errors import one_line
 from cocorec.eval.metrics import evaluate_predictions
 from cocorec.knowledge.base import KnowledgeMethod
 from cocorec.train import distributed
@@ -139,7 +140,7 @@ def load_safetensors(path: Path, hint: str = "") -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise DataError(f"{path}: file not found" + (f"; {hint}" if hint else "")) from None
     except Exception as e:  # SafetensorError, OSError, ...: a truncated or foreign file
-        why = " ".join(str(e).split())[:200]
+        why = one_line(e, 200)
         raise DataError(f"{path}: not a readable safetensors file ({why})" + (f"; {hint}" if hint else "")) from None
 
 
