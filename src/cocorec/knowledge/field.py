@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cocorec.config import ConfigError
 from cocorec.knowledge.base import KnowledgeMethod, register_method
-from cocorec.knowledge.sources import FIELD_VIEWS, LEAK, check_source
+from cocorec.knowledge.sources import LEAK, check_source, check_view
 
 __all__ = ["FieldMethod", "field_width"]
 
@@ -51,9 +50,7 @@ class FieldMethod(KnowledgeMethod):
                  view: str = "full") -> None:
         super().__init__()
         check_source(self.name, source, corrupt)
-        if view not in FIELD_VIEWS or (view == "text" and source != "oracle"):
-            raise ConfigError(f"field: view must be one of {FIELD_VIEWS} ('text' with source=oracle only), "
-                              f"got {view!r}")
+        check_view(view, source)
         self.source, self.corrupt, self.standardize, self.view = source, float(corrupt), bool(standardize), view
         self.register_buffer("user_vec", torch.zeros(0, 0))
         self.knowledge_names = ["user"]

@@ -58,8 +58,8 @@ import pandas as pd
 
 from cocorec.config import ConfigError
 
-__all__ = ["SOURCES", "FIELD_VIEWS", "LEAK", "UserSource", "check_source", "data_domain", "derangement", "has_ratings",
-           "item_noun", "source_label"]
+__all__ = ["SOURCES", "FIELD_VIEWS", "LEAK", "UserSource", "check_source", "check_view", "data_domain", "derangement",
+           "has_ratings", "item_noun", "source_label"]
 
 #: Every source and what it is (the oracle's line names the leak wherever it is shown).
 SOURCES: dict[str, str] = {
@@ -68,9 +68,9 @@ SOURCES: dict[str, str] = {
     "oracle": "LEAK (diagnostic only): the user's label rate and per-genre positive rates over their own samples",
     "shuffled": "another user's knowledge (a seeded derangement of users)",
 }
-#: What the oracle leaks, recorded in the config of every run that uses it.
 #: What a ``field`` holds of its source: every number (``full``) or, for the oracle, only the numbers its text states.
 FIELD_VIEWS = ("full", "text")
+#: What the oracle leaks, recorded in the config of every run that uses it.
 LEAK = "oracle source: label rates of the user's own CTR samples, test labels included (a diagnostic leak)"
 
 #: Sources each method can take (a method not listed takes every source).
@@ -293,8 +293,7 @@ class UserSource:
         ``view="text"``: the oracle's numbers as its text states them (:meth:`oracle_text_vector`)."""
         if self.source not in ("oracle", "template"):
             raise ValueError(f"source {self.source!r} has no numeric vector (oracle and template do)")
-        if view not in FIELD_VIEWS or (view == "text" and self.source != "oracle"):
-            raise ValueError(f"view must be one of {FIELD_VIEWS} ('text' with the oracle source only), got {view!r}")
+        check_view(view, self.source)
         f = self.template_vector if self.source == "template" else \
             self.oracle_vector if view == "full" else self.oracle_text_vector
         return np.stack([f(int(self.knowledge_user[u]), bool(self.corrupted[u]))
@@ -363,6 +362,12 @@ class UserSource:
         if bad:
             rate, per_tag = 1.0 - rate, 1.0 - per_tag
         return rate, per_tag, counts
+
+
+def check_view(view: str, source: str) -> None:
+    """A :class:`ConfigError` unless ``view`` is one of :data:`FIELD_VIEWS` that ``source`` has."""
+    if view not in FIELD_VIEWS or (view == "text" and source != "oracle"):
+        raise ConfigError(f"view must be one of {FIELD_VIEWS} ('text' with the oracle source only), got {view!r}")
 
 
 def _named_tags(counts: np.ndarray, n: int = 6) -> list[int]:
