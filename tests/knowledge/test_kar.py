@@ -273,7 +273,8 @@ def test_config_keys_are_checked_by_the_run_config():
         RunConfig(method="kar").with_overrides({"method": {"rounds": "2"}})  # kar has no rounds
 
 
-def test_cli_generate_and_show(toy, tmp_path, capsys):
+def test_cli_generate_and_show(toy, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COCOREC_CACHE", str(tmp_path / "cache"))   # the counts below need a cold cache
     d = write_generic(tmp_path / "toycli", n_users=20, n_items=10, per_user=8, seed=1)
     common = ["--dataset", str(d), "--lm", "tiny", "--max-new-tokens", "4", "--threads", "1"]
     assert main(["knowledge", "generate", *common, "--method", "r4ec", "--encoder", "tiny", "--limit-users", "5",
