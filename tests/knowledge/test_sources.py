@@ -111,7 +111,7 @@ def test_cache_keys_differ_per_source_and_corruption(toy, tmp_path):
     ("coco", "method.corrupt=-0.1", "corrupt must be a fraction in [0, 1]"),
     ("r4ec", "method.source=oracle", "method r4ec cannot take source 'oracle'"),
     ("field", "method.source=lm", "method field cannot take source 'lm'"),
-    ("field", "method.view=words", "view must be one of ('full', 'text')"),
+    ("field", "method.view=words", "view must be one of ('full', 'text', 'rate')"),
 ])
 def test_bad_sources_are_one_line_errors_before_any_data(method, setting, message, tmp_path, capsys):
     # the dataset does not exist: the error must come from the setting, before any data is read
@@ -121,14 +121,14 @@ def test_bad_sources_are_one_line_errors_before_any_data(method, setting, messag
 
 
 @pytest.mark.parametrize("name", ["toy", "ml100k"])   # ml-100k: 18 genres, of which the text names 6
-def test_the_text_view_of_the_oracle_holds_exactly_the_numbers_its_text_states(name, toy, request):
+def test_the_text_and_rate_views_of_the_oracle_hold_exactly_the_numbers_its_text_states(name, toy, request):
     import re
 
     data = toy if name == "toy" else request.getfixturevalue(name)
     src = UserSource(data, "oracle", 0.0, seed=0)
     tags = list(data.meta["tag_vocab"])
-    full, text = src.vectors("full"), src.vectors("text")
-    assert full.shape == text.shape and not np.allclose(full, text)
+    full, text, only_rate = src.vectors("full"), src.vectors("text"), src.vectors("rate")
+    assert full.shape == text.shape == only_rate.shape and not np.allclose(full, text)
     for u in range(0, data.n_users, max(1, data.n_users // 100)):
         said = src.oracle_text(u)
         rate = int(re.search(r"they liked (\d+)%", said).group(1)) / 100
@@ -137,6 +137,7 @@ def test_the_text_view_of_the_oracle_holds_exactly_the_numbers_its_text_states(n
         want = np.full(len(tags), rate)
         want[list(named)] = list(named.values())
         assert text[u, 0] == pytest.approx(rate) and np.allclose(text[u, 1:], want), said
+        assert np.allclose(only_rate[u], rate), said   # the stated label rate and nothing else
         cols = [0] + [j + 1 for j in named]   # the stated numbers are the full view's, to a whole percent
         assert np.abs(full[u, cols] - text[u, cols]).max() <= 0.005 + 1e-6
     with pytest.raises(ValueError, match="oracle source only"):

@@ -41,7 +41,8 @@ class FieldMethod(KnowledgeMethod):
     Config keys: ``source`` (``oracle`` or ``template``), ``corrupt`` (fraction of users whose vector
     is inverted), ``standardize`` (z-score with the training users' statistics; default on), ``view``
     (``full``: every number of the source; ``text``: the oracle's numbers as its text states them -
-    the label rate and the top genres to a whole percent - the ceiling of an LM method reading that text).
+    the label rate and the top genres to a whole percent - the ceiling of an LM method reading that text;
+    ``rate``: only the label rate the text states - the ceiling of a reader that misses the genre numbers).
     """
 
     name = "field"

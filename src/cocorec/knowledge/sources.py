@@ -68,8 +68,9 @@ SOURCES: dict[str, str] = {
     "oracle": "LEAK (diagnostic only): the user's label rate and per-genre positive rates over their own samples",
     "shuffled": "another user's knowledge (a seeded derangement of users)",
 }
-#: What a ``field`` holds of its source: every number (``full``) or, for the oracle, only the numbers its text states.
-FIELD_VIEWS = ("full", "text")
+#: What a ``field`` holds of its source: every number (``full``) or, for the oracle, only the numbers its text
+#: states (``text``) or only its label rate (``rate``: what a pooled read-out of SmolLM2-135M recovers).
+FIELD_VIEWS = ("full", "text", "rate")
 #: What the oracle leaks, recorded in the config of every run that uses it.
 LEAK = "oracle source: label rates of the user's own CTR samples, test labels included (a diagnostic leak)"
 
@@ -290,12 +291,13 @@ class UserSource:
     # ------------------------------------------------------------------ vectors (the direct field)
     def vectors(self, view: str = "full") -> np.ndarray:
         """``[n_users, D]`` numeric knowledge of ``oracle`` or ``template`` (raw, not standardised);
-        ``view="text"``: the oracle's numbers as its text states them (:meth:`oracle_text_vector`)."""
+        ``view="text"``: the oracle's numbers as its text states them (:meth:`oracle_text_vector`);
+        ``view="rate"``: only the label rate it states (:meth:`oracle_rate_vector`)."""
         if self.source not in ("oracle", "template"):
             raise ValueError(f"source {self.source!r} has no numeric vector (oracle and template do)")
         check_view(view, self.source)
         f = self.template_vector if self.source == "template" else \
-            self.oracle_vector if view == "full" else self.oracle_text_vector
+            {"full": self.oracle_vector, "text": self.oracle_text_vector, "rate": self.oracle_rate_vector}[view]
         return np.stack([f(int(self.knowledge_user[u]), bool(self.corrupted[u]))
                          for u in range(self.data.n_users)]).astype(np.float32)
 
@@ -314,6 +316,12 @@ class UserSource:
         named = _named_tags(counts)
         out[named] = np.round(100 * per_tag[named]) / 100
         return np.concatenate([[stated], out])
+
+    def oracle_rate_vector(self, u: int, corrupted: bool | None = None) -> np.ndarray:
+        """:meth:`oracle_text_vector` without the named genres: the stated label rate in every column. The
+        ceiling of a reader that gets the text's label rate but none of its per-genre numbers."""
+        v = self.oracle_text_vector(u, corrupted)
+        return np.full_like(v, v[0])
 
     def template_vector(self, u: int, corrupted: bool | None = None) -> np.ndarray:
         """[mean rating / 5, rating std / 2, liked share, log history length, per genre: share of the
@@ -366,8 +374,9 @@ class UserSource:
 
 def check_view(view: str, source: str) -> None:
     """A :class:`ConfigError` unless ``view`` is one of :data:`FIELD_VIEWS` that ``source`` has."""
-    if view not in FIELD_VIEWS or (view == "text" and source != "oracle"):
-        raise ConfigError(f"view must be one of {FIELD_VIEWS} ('text' with the oracle source only), got {view!r}")
+    if view not in FIELD_VIEWS or (view != "full" and source != "oracle"):
+        raise ConfigError(f"view must be one of {FIELD_VIEWS} ('text' and 'rate' with the oracle source only), "
+                          f"got {view!r}")
 
 
 def _named_tags(counts: np.ndarray, n: int = 6) -> list[int]:
