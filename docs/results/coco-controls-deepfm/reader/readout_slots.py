@@ -1,5 +1,7 @@
 """Offline: a slot read-out (S learned queries, softmax over the text's tokens, a few values per slot, slots kept apart)
-regressing the 19 oracle numbers from SmolLM2's frozen last-layer token states; held-out users' R2."""
+regressing the 19 oracle numbers from SmolLM2's frozen last-layer token states; held-out users' R2.
+
+    python readout_slots.py [KW]     # KW=1 (default): keys from each token's own state; KW>1: from the KW tokens ending there"""
 import sys, numpy as np, torch, torch.nn.functional as F
 from torch import nn
 from cocorec.data.protocol import ProtocolConfig, prepare
@@ -23,15 +25,22 @@ class Slots(nn.Module):
     def __init__(self, S, dk, dv, out=19):
         super().__init__()
         d = H.shape[-1]
-        self.norm = nn.LayerNorm(d); self.k = nn.Linear(d, dk); self.v = nn.Linear(d, dv)
+        self.norm = nn.LayerNorm(d)
+        self.k = nn.Linear(d, dk) if KW == 1 else nn.Conv1d(d, dk, KW)   # built before v: the seeded draws as run
+        self.v = nn.Linear(d, dv)
         self.q = nn.Parameter(torch.randn(S, dk) / dk ** 0.5); self.head = nn.Linear(S * dv, out)
     def forward(self, h, mask):
-        h = self.norm(h); a = torch.einsum("btk,sk->bst", self.k(h), self.q) / self.q.shape[1] ** 0.5
+        h = self.norm(h)
+        kk = self.k(h) if KW == 1 else self.k(F.pad(h.transpose(1, 2), (KW - 1, 0))).transpose(1, 2)
+        a = torch.einsum("btk,sk->bst", kk, self.q) / self.q.shape[1] ** 0.5
         a = a.masked_fill(~mask.bool()[:, None, :], float("-inf")).softmax(-1)
         return self.head(torch.einsum("bst,btv->bsv", a, self.v(h)).flatten(1))
 
 def r2(p, t): return 1 - ((p - t) ** 2).mean() / t.var()
-for S, dk, dv, wd in [(8, 32, 4, 1e-2), (18, 32, 2, 1e-2), (32, 32, 2, 1e-2), (32, 64, 4, 1e-1)]:
+KW = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+configs = [(8, 32, 4, 1e-2), (18, 32, 2, 1e-2), (32, 32, 2, 1e-2), (32, 64, 4, 1e-1)] if KW == 1 else \
+    [(18, 32, 2, 1e-2), (32, 64, 4, 1e-1)]
+for S, dk, dv, wd in configs:
     torch.manual_seed(0); net = Slots(S, dk, dv); opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=wd)
     best = (1e9, None)
     for ep in range(400):
