@@ -82,6 +82,38 @@ def test_corruption_inverts_what_is_read(toy):
     assert tmpl.user_texts()[u] == tmpl.template_text(u, corrupted=True) != tmpl.template_text(u, corrupted=False)
 
 
+def test_swap_gives_each_corrupted_user_another_corrupted_users_knowledge_unaltered(toy):
+    swap = UserSource(toy, "oracle", 0.3, seed=4, corruption="swap")
+    inv = UserSource(toy, "oracle", 0.3, seed=4)
+    plain = UserSource(toy, "oracle", 0.0, seed=4)
+    assert swap.corrupted.tolist() == inv.corrupted.tolist()          # the same users, only the kind differs
+    assert swap.groups() == inv.groups() and swap.label == "oracle+swap0.3" and not swap.inverted.any()
+    bad, good = np.flatnonzero(swap.corrupted), np.flatnonzero(~swap.corrupted)
+    who = swap.knowledge_user
+    assert sorted(who[bad].tolist()) == bad.tolist() and not np.any(who[bad] == bad)
+    assert who[good].tolist() == good.tolist()
+    np.testing.assert_array_equal(swap.vectors(), plain.vectors()[who])      # whole, uninverted vectors
+    assert swap.user_texts() == [plain.user_texts()[int(v)] for v in who]
+    lm_view = UserSource(toy, "lm", 0.3, seed=4, corruption="swap").view()
+    u = int(bad[0])
+    assert lm_view.llm_history(u) == toy.llm_history(int(who[u])) and lm_view.user_text[u] == toy.user_text[int(who[u])]
+    again = UserSource(toy, "oracle", 0.3, seed=4, corruption="swap").knowledge_user
+    assert again.tolist() == who.tolist()
+    assert UserSource(toy, "oracle", 0.3, seed=5, corruption="swap").knowledge_user.tolist() != who.tolist()
+
+
+def test_swap_runs_through_a_method_and_names_its_variant(toy, tmp_path):
+    from cocorec.knowledge.base import build_method, method_label
+
+    m = build_method("field", source="oracle", corrupt=0.3, corruption="swap")
+    assert m.user_source(toy).label == "oracle+swap0.3" and m.config_dict()["corruption"] == "swap"
+    assert "corruption" not in build_method("field", source="oracle", corrupt=0.3).config_dict()
+    assert method_label("field", {"source": "oracle", "corrupt": 0.3, "corruption": "swap"}) == \
+        "field[corrupt=0.3,corruption=swap,source=oracle]"
+    assert method_label("coco", {"source": "oracle", "corrupt": 0.3}) == "coco[corrupt=0.3,source=oracle]"
+    assert build_method("coco", lm="tiny", source="oracle", corrupt=0.3, corruption="swap").corruption == "swap"
+
+
 def test_the_oracle_leak_is_named_in_every_config(toy):
     from cocorec.knowledge.base import build_method
 
@@ -112,6 +144,7 @@ def test_cache_keys_differ_per_source_and_corruption(toy, tmp_path):
     ("r4ec", "method.source=oracle", "method r4ec cannot take source 'oracle'"),
     ("field", "method.source=lm", "method field cannot take source 'lm'"),
     ("field", "method.view=words", "view must be one of ('full', 'text', 'rate')"),
+    ("field", "method.corruption=flip", "unknown corruption 'flip' (one of invert, swap)"),
 ])
 def test_bad_sources_are_one_line_errors_before_any_data(method, setting, message, tmp_path, capsys):
     # the dataset does not exist: the error must come from the setting, before any data is read

@@ -134,7 +134,8 @@ class CoCoConfig:
     bank: str = "states"                # what the bank keeps per user: prompt states or k_u (bank.py)
     user_text: str = "own"              # "none": every user reads the same text (static)
     source: str = "lm"                  # knowledge source of the user text (knowledge/sources.py)
-    corrupt: float = 0.0                # share of users whose source is inverted (the contradiction test)
+    corrupt: float = 0.0                # share of users whose source is corrupted (the contradiction test)
+    corruption: str = "invert"          # how: "invert" or "swap" (knowledge/sources.py)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     readout: ReadoutConfig = field(default_factory=ReadoutConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
@@ -214,8 +215,8 @@ class CoCo(KnowledgeMethod):
     def __init__(self, **keys: Any) -> None:
         super().__init__()
         cfg = self.cfg = CoCoConfig.from_keys(**keys)
-        check_source(self.name, cfg.source, cfg.corrupt)
-        self.source, self.corrupt = cfg.source, float(cfg.corrupt)
+        check_source(self.name, cfg.source, cfg.corrupt, cfg.corruption)
+        self.source, self.corrupt, self.corruption = cfg.source, float(cfg.corrupt), cfg.corruption
         self._config = cfg.keys()
         if cfg.source == "oracle":
             self._config["leak"] = LEAK

@@ -45,7 +45,7 @@ class KnowledgeMethod(nn.Module):
         self.knowledge_dims: list[int] = []
         self.knowledge_names: list[str] = []  # one name per knowledge field (diagnostics)
         self.seed = 0                       # the run's seed, set by build_method
-        self.source, self.corrupt = "lm", 0.0
+        self.source, self.corrupt, self.corruption = "lm", 0.0, "invert"
         self._source: Any = None            # the UserSource, built in prepare (methods with a source)
 
     def bind(self, spec: Any) -> None:
@@ -56,7 +56,7 @@ class KnowledgeMethod(nn.Module):
         from cocorec.knowledge.sources import UserSource
 
         if self._source is None or self._source.data is not data:
-            self._source = UserSource(data, self.source, self.corrupt, self.seed)
+            self._source = UserSource(data, self.source, self.corrupt, self.seed, self.corruption)
         return self._source
 
     def user_groups(self) -> dict[str, list[str]]:
@@ -219,7 +219,7 @@ def method_label(method: str, args: Mapping[str, Any], shown: Iterable[str] = ()
     factory = METHODS.get(method)
     params = dict(inspect.signature(factory).parameters) if factory is not None else {}
     value = {k: args[k] if k in args else (params[k].default if k in params else None) for k in {*shown, *params}}
-    keys = set(shown) | {k for k, neutral in (("source", "lm"), ("corrupt", 0.0))
+    keys = set(shown) | {k for k, neutral in (("source", "lm"), ("corrupt", 0.0), ("corruption", "invert"))
                          if k in params and value[k] != neutral}
     inner = ",".join(f"{k}={format_setting(value[k])}" for k in sorted(keys))
     return f"{method}[{inner}]" if inner else method
@@ -237,7 +237,8 @@ def check_method_args(name: str, args: dict[str, Any]) -> None:
     params = inspect.signature(factory).parameters
     if "source" in params:
         check_source(name, args.get("source", params["source"].default),
-                     args.get("corrupt", params["corrupt"].default if "corrupt" in params else 0.0))
+                     args.get("corrupt", params["corrupt"].default if "corrupt" in params else 0.0),
+                     args.get("corruption", params["corruption"].default if "corruption" in params else "invert"))
 
 
 #: The built-in methods and the module that defines each (imported on first use: they pull in

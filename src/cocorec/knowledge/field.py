@@ -39,7 +39,8 @@ class FieldMethod(KnowledgeMethod):
     """One knowledge field holding the source's numeric vector of the sample's user.
 
     Config keys: ``source`` (``oracle`` or ``template``), ``corrupt`` (fraction of users whose vector
-    is inverted), ``standardize`` (z-score with the training users' statistics; default on), ``view``
+    is corrupted), ``corruption`` (``invert`` or ``swap``, see knowledge/sources.py),
+    ``standardize`` (z-score with the training users' statistics; default on), ``view``
     (``full``: every number of the source; ``text``: the oracle's numbers as its text states them -
     the label rate and the top genres to a whole percent - the ceiling of an LM method reading that text;
     ``rate``: only the label rate the text states - the ceiling of a reader that misses the genre numbers).
@@ -48,11 +49,12 @@ class FieldMethod(KnowledgeMethod):
     name = "field"
 
     def __init__(self, source: str = "oracle", corrupt: float = 0.0, standardize: bool = True,
-                 view: str = "full") -> None:
+                 view: str = "full", corruption: str = "invert") -> None:
         super().__init__()
-        check_source(self.name, source, corrupt)
+        check_source(self.name, source, corrupt, corruption)
         check_view(view, source)
         self.source, self.corrupt, self.standardize, self.view = source, float(corrupt), bool(standardize), view
+        self.corruption = corruption
         self.register_buffer("user_vec", torch.zeros(0, 0))
         self.knowledge_names = ["user"]
 
@@ -80,6 +82,8 @@ class FieldMethod(KnowledgeMethod):
             self._buffers["user_vec"] = state["user_vec"].to(self.user_vec.device)
 
     def config_dict(self) -> dict[str, Any]:
-        return {"method": self.name, "source": self.source, "corrupt": self.corrupt, "standardize": self.standardize,
+        return {"method": self.name, "source": self.source, "corrupt": self.corrupt,
+                **({"corruption": self.corruption} if self.corruption != "invert" else {}),
+                "standardize": self.standardize,
                 **({"view": self.view} if self.view != "full" else {}),
                 **({"leak": LEAK} if self.source == "oracle" else {})}

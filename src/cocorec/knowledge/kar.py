@@ -410,16 +410,18 @@ class KarMethod(KnowledgeMethod):
                  batch_size: int = 32, item_batch_size: int = 64, hidden: tuple[int, ...] = (128, 32),
                  n_shared: int = 2, n_specific: int = 2, dropout: float = 0.0, standardize: bool = False,
                  lm_device: str = "auto", lm_dtype: str = "float32", fields: str = "user,item", source: str = "lm",
-                 corrupt: float = 0.0) -> None:
+                 corrupt: float = 0.0, corruption: str = "invert") -> None:
         super().__init__()
-        check_source(self.name, source, corrupt)
-        self.source, self.corrupt = source, float(corrupt)
+        check_source(self.name, source, corrupt, corruption)
+        self.source, self.corrupt, self.corruption = source, float(corrupt), corruption
         self.fields = parse_fields(fields)
         self.cfg: dict[str, Any] = dict(lm=lm, encoder=encoder, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                         item_batch_size=item_batch_size, hidden=list(hidden), n_shared=n_shared,
                                         n_specific=n_specific, dropout=dropout, standardize=standardize,
                                         lm_device=lm_device, lm_dtype=lm_dtype, fields=",".join(self.fields),
                                         source=source, corrupt=self.corrupt)
+        if corruption != "invert":   # the keys of older runs' texts and caches stay as they were
+            self.cfg["corruption"] = corruption
         if source == "oracle":
             self.cfg["leak"] = LEAK
         dim = encoder_dim(encoder)
@@ -533,11 +535,11 @@ class R4ecMethod(KarMethod):
                  batch_size: int = 32, item_batch_size: int = 64, hidden: tuple[int, ...] = (128, 32),
                  n_shared: int = 2, n_specific: int = 2, dropout: float = 0.0, standardize: bool = False,
                  lm_device: str = "auto", lm_dtype: str = "float32", rounds: int = 1, fields: str = "user,item",
-                 source: str = "lm", corrupt: float = 0.0) -> None:
+                 source: str = "lm", corrupt: float = 0.0, corruption: str = "invert") -> None:
         super().__init__(lm=lm, encoder=encoder, max_new_tokens=max_new_tokens, batch_size=batch_size,
                          item_batch_size=item_batch_size, hidden=hidden, n_shared=n_shared, n_specific=n_specific,
                          dropout=dropout, standardize=standardize, lm_device=lm_device, lm_dtype=lm_dtype,
-                         fields=fields, source=source, corrupt=corrupt)
+                         fields=fields, source=source, corrupt=corrupt, corruption=corruption)
         if rounds < 0:
             raise ValueError(f"rounds must be >= 0, got {rounds}")
         self.cfg["rounds"] = int(rounds)

@@ -13,10 +13,19 @@ Every knowledge method takes ``source`` (``--set method.source=NAME``) and ``cor
 * ``shuffled``: another user's knowledge (a seeded derangement of users): the knowledge of the
   right *kind* for the wrong user.
 
-``corrupt=P`` inverts the source for a seeded ``round(P * n_users)`` users: ratings ``r -> 6 - r``
-in the history the LM (or the template) reads, rates ``x -> 1 - x`` in the oracle. Those users form
-the grouping ``corrupt`` (``corrupted`` / ``clean``) of the run's per-group metrics, which is how a
-judge's ability to find and remove contradicting knowledge is measured against ground truth.
+``corrupt=P`` corrupts the source for a seeded ``round(P * n_users)`` users, in the way ``corruption``
+names:
+
+* ``invert`` (default): ratings ``r -> 6 - r`` in the history the LM (or the template) reads, rates
+  ``x -> 1 - x`` in the oracle;
+* ``swap``: each corrupted user gets another corrupted user's knowledge, unaltered (a seeded
+  derangement among them): a plausible text of the wrong user. An inverted text is a function of
+  the user's own behaviour, which a backbone that also sees the user's rated history can learn to
+  invert back (docs/coco.md, "The contradiction test"); a swapped one is not.
+
+The corrupted users form the grouping ``corrupt`` (``corrupted`` / ``clean``) of the run's per-group
+metrics, which is how a judge's ability to find and remove contradicting knowledge is measured
+against ground truth.
 
 Implicit feedback has no rating to invert (every LM-history row is a positive, its code 5 only
 means "interacted"; ``6 - r`` would show the LM a column of 1-5 "ratings" of 1). There, a corrupted
@@ -29,7 +38,7 @@ Every text says what the data's :class:`~cocorec.data.raw.Domain` says: its item
 ("genres" on MovieLens) and, for implicit data, what the user interacted with and the counts' meaning,
 never a rating (MovieLens' texts are unchanged, byte for byte).
 
-All draws (the corrupted users, the derangement) follow the run's seed and the split seed, so a
+All draws (the corrupted users, the derangements) follow the run's seed and the split seed, so a
 source is deterministic per (dataset, split, seed).
 
 Example:
@@ -58,8 +67,8 @@ import pandas as pd
 
 from cocorec.config import ConfigError
 
-__all__ = ["SOURCES", "FIELD_VIEWS", "LEAK", "UserSource", "check_source", "check_view", "data_domain", "derangement",
-           "has_ratings", "item_noun", "source_label"]
+__all__ = ["SOURCES", "CORRUPTIONS", "FIELD_VIEWS", "LEAK", "UserSource", "check_source", "check_view", "data_domain",
+           "derangement", "has_ratings", "item_noun", "source_label"]
 
 #: Every source and what it is (the oracle's line names the leak wherever it is shown).
 SOURCES: dict[str, str] = {
@@ -67,6 +76,11 @@ SOURCES: dict[str, str] = {
     "template": "a deterministic text of the user's LM history (no LM)",
     "oracle": "LEAK (diagnostic only): the user's label rate and per-genre positive rates over their own samples",
     "shuffled": "another user's knowledge (a seeded derangement of users)",
+}
+#: How ``corrupt`` corrupts a user's knowledge.
+CORRUPTIONS: dict[str, str] = {
+    "invert": "ratings r -> 6 - r in the LM history, rates x -> 1 - x in the oracle",
+    "swap": "another corrupted user's knowledge, unaltered (a derangement among the corrupted users)",
 }
 #: What a ``field`` holds of its source: every number (``full``) or, for the oracle, only the numbers its text
 #: states (``text``) or only its label rate (``rate``: what a pooled read-out of SmolLM2-135M recovers).
@@ -85,9 +99,9 @@ _LIKE_WORDS = ((0.2, "dislikes almost all of them"), (0.4, "dislikes most of the
                (0.8, "likes most of them"), (1.01, "likes almost all of them"))
 
 
-def check_source(method: str, source: str, corrupt: float) -> None:
+def check_source(method: str, source: str, corrupt: float, corruption: str = "invert") -> None:
     """Raise :class:`ConfigError` (one line) for an unknown source, a source the method cannot take,
-    or a corruption fraction outside [0, 1]."""
+    a corruption fraction outside [0, 1] or an unknown kind of corruption."""
     if source not in SOURCES:
         raise ConfigError(f"method {method}: unknown source {source!r} (one of {', '.join(SOURCES)})")
     allowed = next((v for k, v in METHOD_SOURCES.items() if method == k or method.startswith(k + "-")), tuple(SOURCES))
@@ -95,11 +109,19 @@ def check_source(method: str, source: str, corrupt: float) -> None:
         raise ConfigError(f"method {method} cannot take source {source!r} (it takes {', '.join(allowed)})")
     if not (isinstance(corrupt, (int, float)) and 0.0 <= float(corrupt) <= 1.0):
         raise ConfigError(f"method {method}: corrupt must be a fraction in [0, 1] (got {corrupt!r})")
+    if corruption not in CORRUPTIONS:
+        raise ConfigError(f"method {method}: unknown corruption {corruption!r} (one of {', '.join(CORRUPTIONS)})")
 
 
-def source_label(source: str, corrupt: float) -> str:
-    """``"lm"``, ``"oracle"``, ``"oracle+corrupt0.3"``: how a run's knowledge is named in reports."""
-    return source + (f"+corrupt{corrupt:g}" if corrupt else "")
+def source_label(source: str, corrupt: float, corruption: str = "invert") -> str:
+    """``"lm"``, ``"oracle"``, ``"oracle+corrupt0.3"``, ``"oracle+swap0.3"``: how a run's knowledge is
+    named in reports.
+
+    Example:
+        >>> source_label("oracle", 0.3), source_label("oracle", 0.3, "swap"), source_label("lm", 0.0, "swap")
+        ('oracle+corrupt0.3', 'oracle+swap0.3', 'lm')
+    """
+    return source + (f"+{'corrupt' if corruption == 'invert' else corruption}{corrupt:g}" if corrupt else "")
 
 
 def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -119,17 +141,19 @@ def _rng(seed: int, split_seed: int, what: str) -> np.random.Generator:
 @dataclass
 class UserSource:
     """The per-user knowledge source of one run: ``data`` (a :class:`~cocorec.data.protocol.CTRData`),
-    the source name, the corruption fraction and the run's seed.
+    the source name, the corruption fraction, the run's seed and the kind of corruption.
 
-    ``knowledge_user[u]``: whose knowledge user ``u`` gets (``u`` itself unless ``shuffled``);
-    ``corrupted[u]``: whether user ``u``'s knowledge is inverted. Texts and vectors are built for
-    the user whose knowledge it is, inverted where ``corrupted`` says so.
+    ``knowledge_user[u]``: whose knowledge user ``u`` gets (``u`` itself unless ``shuffled`` or a
+    ``swap``-corrupted user); ``corrupted[u]``: whether user ``u``'s knowledge is corrupted (the
+    grouping); ``inverted[u]``: whether it is inverted (``invert``). Texts and vectors are built for
+    the user whose knowledge it is, inverted where ``inverted`` says so.
     """
 
     data: Any
     source: str = "lm"
     corrupt: float = 0.0
     seed: int = 0
+    corruption: str = "invert"
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -142,10 +166,18 @@ class UserSource:
             self.corrupted[_rng(self.seed, split_seed, "corrupt").choice(n, size=n_bad, replace=False)] = True
         self.knowledge_user = (derangement(n, _rng(self.seed, split_seed, "shuffle")) if self.source == "shuffled"
                                else np.arange(n))
+        if self.corruption not in CORRUPTIONS:
+            raise ConfigError(f"unknown corruption {self.corruption!r} (one of {', '.join(CORRUPTIONS)})")
+        self.inverted = self.corrupted.copy() if self.corruption == "invert" else np.zeros(n, dtype=bool)
+        if self.corruption == "swap" and n_bad:
+            if n_bad < 2:
+                raise ConfigError(f"corrupt={self.corrupt:g} of {n} users corrupts one user: a swap needs two")
+            bad = np.flatnonzero(self.corrupted)
+            self.knowledge_user[bad] = self.knowledge_user[bad[derangement(n_bad, _rng(self.seed, split_seed, "swap"))]]
 
     @property
     def label(self) -> str:
-        return source_label(self.source, self.corrupt)
+        return source_label(self.source, self.corrupt, self.corruption)
 
     def groups(self) -> dict[str, list[str]]:
         """The grouping ``corrupt`` (per user: ``corrupted`` / ``clean``) when some users are corrupted."""
@@ -159,7 +191,7 @@ class UserSource:
         the run's draw), ratings inverted (6 - r), or on implicit data the items replaced by items the
         user never interacted with (codes kept: 5 = interacted)."""
         h = self.data.llm_history(u)
-        bad = bool(self.corrupted[u]) if corrupted is None else corrupted
+        bad = bool(self.inverted[u]) if corrupted is None else corrupted
         if not bad:
             return h
         if _implicit(self.data):
@@ -209,7 +241,7 @@ class UserSource:
     def user_texts(self) -> list[str]:
         """Per user, the text an LM reads as that user (CoCo's user text; KAR encodes it for
         ``template`` and ``oracle``, which have no LM pass)."""
-        pairs = [(int(self.knowledge_user[u]), bool(self.corrupted[u])) for u in range(self.data.n_users)]
+        pairs = [(int(self.knowledge_user[u]), bool(self.inverted[u])) for u in range(self.data.n_users)]
         if self.source == "template":
             return [self.template_text(v, c) for v, c in pairs]
         if self.source == "oracle":
@@ -298,7 +330,7 @@ class UserSource:
         check_view(view, self.source)
         f = self.template_vector if self.source == "template" else \
             {"full": self.oracle_vector, "text": self.oracle_text_vector, "rate": self.oracle_rate_vector}[view]
-        return np.stack([f(int(self.knowledge_user[u]), bool(self.corrupted[u]))
+        return np.stack([f(int(self.knowledge_user[u]), bool(self.inverted[u]))
                          for u in range(self.data.n_users)]).astype(np.float32)
 
     def oracle_vector(self, u: int, corrupted: bool | None = None) -> np.ndarray:
@@ -366,7 +398,7 @@ class UserSource:
             np.add.at(counts, t[ok] - 1, 1.0)
             np.add.at(pos, t[ok] - 1, y[ok])
         per_tag = (pos + rate) / (counts + 1.0)            # one pseudo-sample at the user's own rate
-        bad = bool(self.corrupted[u]) if corrupted is None else corrupted
+        bad = bool(self.inverted[u]) if corrupted is None else corrupted
         if bad:
             rate, per_tag = 1.0 - rate, 1.0 - per_tag
         return rate, per_tag, counts
@@ -426,7 +458,7 @@ class SourceData:
         return getattr(self._data, name)
 
     def llm_history(self, u: int) -> list[tuple[int, int]]:
-        return self._src.history(int(self._src.knowledge_user[u]), bool(self._src.corrupted[u]))
+        return self._src.history(int(self._src.knowledge_user[u]), bool(self._src.inverted[u]))
 
     def llm_history_counts(self, u: int) -> list[float] | None:
         """The counts of the history :meth:`llm_history` shows (the knowledge user's own, in order)."""
@@ -438,7 +470,7 @@ class SourceData:
         from cocorec.data.protocol import user_text
 
         d = self._data
-        if self._src.source == "lm" and not self._src.corrupted.any():
+        if self._src.source == "lm" and not self._src.corrupted.any():   # (a swap is a corruption too)
             return list(d.user_text)
         # Built as the data's own texts are (protocol.build): the stored has_ratings, the domain, the counts.
         rated = bool(d.meta.get("has_ratings", True))
