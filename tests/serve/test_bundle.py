@@ -30,9 +30,9 @@ def toy(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
                              seed=5))
 
 
-def _train(toy: str, out: Path, method: str) -> dict:
-    cfg = RunConfig(dataset=toy, backbone="din", method=method, seed=0, output=str(out), results=None, quiet=True,
-                    train=TrainConfig(epochs=1, batch_size=64, threads=1), method_args=ARGS[method],
+def _train(toy: str, out: Path, method: str, seed: int = 0, **args) -> dict:
+    cfg = RunConfig(dataset=toy, backbone="din", method=method, seed=seed, output=str(out), results=None, quiet=True,
+                    train=TrainConfig(epochs=1, batch_size=64, threads=1), method_args={**ARGS[method], **args},
                     model={"hidden_units": (16,)})
     return run(cfg)
 
@@ -55,6 +55,21 @@ def test_bundle_scores_equal_the_runs_own_evaluation(toy, tmp_path, method):
     keys = {f["key"] for f in manifest["knowledge"]}
     want_keys = {"kar": {"user", "item"}, "r4ec": {"user", "item"}, "kar-item": {"item"}, "base": set()}
     assert keys == want_keys.get(method, {"user"})
+
+
+def test_a_run_with_a_seeded_source_is_scored_with_its_own_draws(toy, tmp_path):
+    """The corrupted users (and a swap's derangement) are drawn from the run's seed: the scorer and the
+    export rebuild the source with that seed, not 0, or CoCo would read other users' texts."""
+    from cocorec.knowledge.sources import UserSource
+
+    metrics = _train(toy, tmp_path / "run", "coco", seed=3, source="oracle", corrupt=0.5, corruption="swap")
+    scorer = load_scorer(tmp_path / "run")
+    src = scorer.method.user_source(scorer.data)
+    want = UserSource(scorer.data, "oracle", 0.5, seed=3, corruption="swap")
+    assert src.corrupted.tolist() == want.corrupted.tolist()
+    assert src.knowledge_user.tolist() == want.knowledge_user.tolist()
+    got = auc(scorer.data.split("test").label, scorer.score_split("test"))
+    assert got == pytest.approx(metrics["test"]["auc"], abs=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -190,6 +190,18 @@ def _read_checkpoint_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
+def _run_seed(cfg: dict[str, Any], run_dir: Path) -> int:
+    """The run's seed: from the checkpoint config, else (checkpoints written before it was recorded
+    there) from the run's metrics.json, else 0."""
+    if isinstance(cfg.get("seed"), int):
+        return int(cfg["seed"])
+    try:
+        seed = read_json(run_dir / "metrics.json").get("config", {}).get("seed", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return int(seed) if isinstance(seed, int) else 0
+
+
 def find_dataset(cfg: dict[str, Any], run_dir: Path) -> str:
     """The dataset a run was trained on, from any working directory: a built-in name as is; a directory at
     its recorded absolute path (``dataset_path``), else as given (relative to the working directory, as old
@@ -258,7 +270,8 @@ def load_scorer(run_dir: str | Path, data: CTRData | None = None, data_dir: str 
     except TypeError as e:
         raise DataError(f"{where}: field 'spec': {one_line(e, 240)}; {_DAMAGED}") from None
     try:
-        method = build_method(cfg["method"], **cfg.get("method_args", {}))
+        # the run's seed draws its source (corrupted users, derangements): CoCo re-reads the texts from it
+        method = build_method(cfg["method"], seed=_run_seed(cfg, Path(run_dir)), **cfg.get("method_args", {}))
         method.bind(spec)
     except (TypeError, ValueError) as e:
         raise DataError(f"{where}: field 'method_args': {one_line(e, 240)}; {_DAMAGED}") from None

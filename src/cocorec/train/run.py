@@ -497,7 +497,7 @@ def _write(cfg: RunConfig, out: Path | None, metrics: dict[str, Any], data: CTRD
         c = metrics["config"]
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "checkpoint" / "config.json", {
-            "format": "cocorec-checkpoint-v1", "backbone": cfg.backbone, "method": cfg.method,
+            "format": "cocorec-checkpoint-v1", "backbone": cfg.backbone, "method": cfg.method, "seed": cfg.seed,
             "spec": asdict(data.spec), "model": cfg.model, "method_args": cfg.method_args,
             "method_config": c["method_config"], "dataset": cfg.dataset, "data_key": data.key,
             "dataset_path": _dataset_path(cfg.dataset),
