@@ -99,7 +99,7 @@ def test_judge_stats_load_the_three_rows_of_older_checkpoints():
     from cocorec.coco.judge import UserJudgeStats
 
     s = UserJudgeStats.from_counts(torch.tensor([[2.0, 1.0], [1.0, 0.0], [0.0, 1.0]]))
-    assert s.counts.shape == (5, 2) and s.rates()[0].tolist() == [0.5, 0.0]
+    assert s.counts.shape == (len(UserJudgeStats.ROWS), 2) and s.rates()[0].tolist() == [0.5, 0.0]
 
 
 def test_judge_batch_compares_the_backbone_with_and_without_knowledge():

@@ -211,6 +211,11 @@ def test_same_seed_same_coco_run_and_the_judge_sees_corrupted_users(toy_data, tm
     assert 0.0 <= judge["corrupt_user_auroc"] <= 1.0 and set(judge["by_group"]) == {"corrupted", "clean"}
     assert 0.0 <= judge["helps_rate"] <= 1.0 and "p50" in judge["per_user_contradiction_rate"]
     assert set(a["groups"]["test"]["corrupt"]) <= {"corrupted", "clean"}
+    # the final pass judges every training user once with the trained model (auto: corrupt > 0)
+    final = judge["final"]
+    assert final["users_judged"] == len(np.unique(toy_data.split("train").user))
+    assert final["samples_judged"] == toy_data.split("train").n
+    assert 0.0 <= final["corrupt_user_auroc_drop"] <= 1.0 and 0.0 <= final["corrupt_user_auroc"] <= 1.0
 
 
 @pytest.mark.parametrize("bank", ["states", "knowledge"])

@@ -3,11 +3,14 @@
 * Confidence in the true label: ``c(p) = y p + (1 - y)(1 - p)``.
 * A sample *contradicts* when the knowledge lowers that confidence by more than ``delta``:
   ``c(p+) + delta < c(p0)`` (p+ with knowledge, p0 with the knowledge field zeroed).
-* Per training user (:class:`UserJudgeStats`): how often the knowledge hurt or helped, and its
+* Per training user (:class:`UserJudgeStats`): how often the knowledge hurt or helped, its mean
+  *confidence drop* ``mean(c(p0) - c(p+))`` (the count rate without the threshold), and its
   *direction score* ``-mean(p+ - p0) * mean(y - p0)``: positive when the knowledge pushes the user's
   predictions against the way the user's labels deviate from the knowledge-free prediction. Count
-  rates threshold each sample at ``delta``; the direction score sums small shifts over the user's
-  samples, which is where an inverted text shows (docs/coco.md, "The judge").
+  rates threshold each sample at ``delta``; the drop and direction scores sum small shifts over the
+  user's samples, which is where a corrupted text shows (docs/coco.md, "The judge").
+* :func:`judge_predictions`: that comparison on any predictions (also the final judge pass over the
+  training users with the trained model, ``CoCo.on_fit_end``).
 * :func:`judge_batch`: one judge pass over a batch (the backbone with and without the knowledge).
 * :class:`PhaseScheduler` alternates *collaboration* phases (LoRA frozen, the user-text KV cache
   live) with a *contradiction* phase of ``phase_steps`` steps (LoRA trained on contradicting
@@ -57,6 +60,11 @@ def helps_mask(p_plus: torch.Tensor, p_zero: torch.Tensor, y: torch.Tensor, delt
 class JudgeConfig:
     """The judge's and the phase schedule's settings (config keys: ``--set method.delta=0.05``).
 
+    ``final_pass``: after training, judge every training user once more with the trained model and
+    fresh knowledge (the per-user scores of the online judge are sums over the whole run, most of it
+    with an untrained read-out). ``auto``: when the run's source has a ground truth to measure it
+    against (``corrupt > 0``); it costs one pass of the LM over the training users' texts.
+
     Example:
         >>> JudgeConfig(rate_threshold=0.2).scheduler().threshold
         0.2
@@ -71,12 +79,15 @@ class JudgeConfig:
     warmup_steps: int = 60                 # steps before the first phase may start
     max_phases: int = 1
     contradiction_users_per_step: int = 8  # users whose full LM pass trains LoRA in a phase step
+    final_pass: str = "auto"               # "auto" (when corrupt > 0), "on", "off"
 
     def __post_init__(self) -> None:
         if min(self.rate_window, self.phase_steps, self.contradiction_users_per_step) < 1 or \
                 min(self.cooldown_steps, self.warmup_steps, self.max_phases) < 0:
             raise ConfigError("rate_window, phase_steps and contradiction_users_per_step must be >= 1; "
                              "cooldown_steps, warmup_steps and max_phases >= 0")
+        if self.final_pass not in ("auto", "on", "off"):
+            raise ConfigError(f"final_pass must be auto, on or off (got {self.final_pass!r})")
 
     def scheduler(self) -> "PhaseScheduler":
         return PhaseScheduler(threshold=self.rate_threshold, window=self.rate_window, phase_steps=self.phase_steps,
@@ -86,12 +97,26 @@ class JudgeConfig:
 
 @dataclass
 class JudgeOutput:
-    """One judge pass: per sample, whether the knowledge contradicts / helps, and p+ - p0 and y - p0."""
+    """One judge pass: per sample, whether the knowledge contradicts / helps, p+ - p0, y - p0 and
+    c(p0) - c(p+) (the confidence in the true label the knowledge cost)."""
 
     contradicts: torch.Tensor
     helps: torch.Tensor
     shift: torch.Tensor
     residual: torch.Tensor
+    drop: torch.Tensor
+
+
+def judge_predictions(p_plus: torch.Tensor, p_zero: torch.Tensor, y: torch.Tensor, delta: float) -> JudgeOutput:
+    """Compare predictions with (p+) and without (p0) the knowledge, sample by sample.
+
+    Example:
+        >>> out = judge_predictions(torch.tensor([0.6, 0.3]), torch.tensor([0.8, 0.2]), torch.tensor([1.0, 0.0]), 0.05)
+        >>> out.contradicts.tolist(), [round(x, 2) for x in out.drop.tolist()]
+        ([True, True], [0.2, 0.1])
+    """
+    return JudgeOutput(contradiction_mask(p_plus, p_zero, y, delta), helps_mask(p_plus, p_zero, y, delta),
+                       p_plus - p_zero, y - p_zero, confidence(p_zero, y) - confidence(p_plus, y))
 
 
 @torch.no_grad()
@@ -106,9 +131,7 @@ def judge_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], knowledg
         p_zero = torch.sigmoid(model(batch, None).float())
     finally:
         model.train(was)
-    y = batch["label"].to(p_plus.device).float()
-    return JudgeOutput(contradiction_mask(p_plus, p_zero, y, delta), helps_mask(p_plus, p_zero, y, delta),
-                       p_plus - p_zero, y - p_zero)
+    return judge_predictions(p_plus, p_zero, batch["label"].to(p_plus.device).float(), delta)
 
 
 class UserJudgeStats:
@@ -124,9 +147,12 @@ class UserJudgeStats:
         ...       shift=torch.tensor([0.2, 0.2]), residual=torch.tensor([-0.5, -0.3]))
         >>> round(float(s.direction_score()[1]), 4)    # pushed up a user whose labels sit below p0
         0.08
+        >>> s.add(torch.tensor([2]), torch.tensor([False]), torch.tensor([False]), drop=torch.tensor([0.01]))
+        >>> [round(float(x), 3) for x in s.drop_score()]   # mean confidence the knowledge cost
+        [0.0, 0.0, 0.005]
     """
 
-    ROWS = ("judged", "contradicting", "helped", "shift", "residual")
+    ROWS = ("judged", "contradicting", "helped", "shift", "residual", "drop")
 
     def __init__(self, n_users: int) -> None:
         self.counts = torch.zeros(len(self.ROWS), n_users, dtype=torch.float64)
@@ -139,21 +165,27 @@ class UserJudgeStats:
         return s
 
     def add(self, users: torch.Tensor, contradicts: torch.Tensor, helps: torch.Tensor,
-            shift: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> None:
+            shift: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+            drop: torch.Tensor | None = None) -> None:
         u = users.cpu()
         zero = torch.zeros_like(u, dtype=torch.float64)
         for row, v in enumerate((torch.ones_like(u, dtype=torch.float64), contradicts.cpu().double(),
                                  helps.cpu().double(), zero if shift is None else shift.cpu().double(),
-                                 zero if residual is None else residual.cpu().double())):
+                                 zero if residual is None else residual.cpu().double(),
+                                 zero if drop is None else drop.cpu().double())):
             self.counts[row].index_add_(0, u, v)
 
     def add_output(self, users: torch.Tensor, out: JudgeOutput) -> None:
-        self.add(users, out.contradicts, out.helps, out.shift, out.residual)
+        self.add(users, out.contradicts, out.helps, out.shift, out.residual, out.drop)
 
     def rates(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(contradiction rate, helps rate) per user (0 for users never judged)."""
         n = self.counts[0].clamp_min(1.0)
         return self.counts[1] / n, self.counts[2] / n
+
+    def drop_score(self) -> torch.Tensor:
+        """``mean(c(p0) - c(p+))`` per user: the confidence in the true label the knowledge cost on average."""
+        return self.counts[5] / self.counts[0].clamp_min(1.0)
 
     def direction_score(self) -> torch.Tensor:
         """``-mean(p+ - p0) * mean(y - p0)`` per user: > 0 where the knowledge pushes against the labels."""
@@ -190,6 +222,7 @@ class UserJudgeStats:
             # both sides at once: corrupted users are hurt more often *and* helped less often
             out["corrupt_user_auroc_net"] = auc(bad, (c - h)[judged].numpy())
             out["corrupt_user_auroc_direction"] = auc(bad, self.direction_score()[judged].numpy())
+            out["corrupt_user_auroc_drop"] = auc(bad, self.drop_score()[judged].numpy())
         return out
 
 

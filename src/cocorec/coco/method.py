@@ -78,7 +78,8 @@ from tqdm.auto import tqdm
 from cocorec.coco.bank import BANK_KINDS, UserBank
 from cocorec.coco.codebook import CodebookConfig, perplexity
 from cocorec.coco.guard import GroupGuard, GuardConfig
-from cocorec.coco.judge import COLLABORATION, CONTRADICTION, JudgeConfig, UserJudgeStats, judge_batch
+from cocorec.coco.judge import (COLLABORATION, CONTRADICTION, JudgeConfig, UserJudgeStats, judge_batch,
+                                judge_predictions)
 from cocorec.coco.kvcache import BASE, KVConfig, UserTextKVCache
 from cocorec.coco.lora import LoRAConfig, add_lora, fingerprint
 from cocorec.coco.readout import ReadoutConfig
@@ -654,10 +655,20 @@ class CoCo(KnowledgeMethod):
         self._judge_base = self.judge_stats.counts.clone()
 
     def on_fit_end(self, predict: Callable[..., dict[str, Any]]) -> None:
-        """Group guard (:class:`~cocorec.coco.guard.GroupGuard`) on the validation split."""
+        """The final judge pass (``judge.final_pass``), then the group guard
+        (:class:`~cocorec.coco.guard.GroupGuard`) on the validation split."""
+        if self.guard is not None:
+            self.guard.enabled.fill_(True)       # both see every group's knowledge
+        final = self.cfg.judge.final_pass
+        if final == "on" or (final == "auto" and "corrupt" in self.user_groups()):
+            self.final_judge = UserJudgeStats(self._data.n_users)
+            with_k, without = predict("train", use_knowledge=True), predict("train", use_knowledge=False)
+            self.final_judge.add_output(torch.from_numpy(with_k["user"]), judge_predictions(
+                *(torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in (with_k["prob"], without["prob"],
+                                                                               with_k["label"])),
+                self.cfg.judge.delta))
         if not self.cfg.guard.guard or self.guard is None:
             return
-        self.guard.enabled.fill_(True)
         with_k = predict("val", use_knowledge=True)
         without = predict("val", use_knowledge=False)
         self.guard.decide(with_k["label"], with_k["user"], with_k["prob"], without["prob"])
@@ -760,8 +771,11 @@ class CoCo(KnowledgeMethod):
         # Per training user: how often the knowledge lowered (contradiction) or raised (helps) the
         # confidence in the true label by more than delta; with corrupt > 0, how well that separates
         # the corrupted users from the clean ones.
+        groups = self.user_groups().get("corrupt")
         out["judge"] = {"delta": self.cfg.judge.delta, "source": self.user_source(self._data).label,
-                        **self.judge_stats.summary(self.user_groups().get("corrupt"))}
+                        **self.judge_stats.summary(groups)}
+        if getattr(self, "final_judge", None) is not None:   # the trained model's verdict on each training user
+            out["judge"]["final"] = self.final_judge.summary(groups)
         out["guard"] = self.guard.report if self.cfg.guard.guard and self.guard else {"enabled": False}
         out["kv_cache"] = {"bytes": self.kv.nbytes, "bytes_per_user": round(self.kv.bytes_per_user()),
                            "bytes_allocated": self.kv.nbytes_allocated,
