@@ -568,6 +568,19 @@ def test_report_pairs_by_split_and_seed_and_shows_the_controls() -> None:
     assert "Controls" not in render_report([r for r in recs if r["variant"] == "base"])
 
 
+def test_the_controls_table_names_the_kind_of_corruption() -> None:
+    recs = [_control_rec("base", 42, s, 0.70 + s / 100) for s in (0, 1)]
+    for variant, how in (("field[corrupt=0.3,source=oracle]", None),
+                         ("field[corrupt=0.3,corruption=swap,source=oracle]", "swap")):
+        for s in (0, 1):
+            r = _control_rec("field", 42, s, 0.71 + s / 100, perm=0.69, source="oracle", variant=variant)
+            r["config"]["method_config"].update({"corrupt": 0.3, **({"corruption": how} if how else {})})
+            recs.append(r)
+    controls = render_report(recs).split("### Controls")[1].split("\n### ")[0]
+    assert "| din | field[corrupt=0.3,source=oracle] (leak) | oracle +corrupt 0.3 | 2 |" in controls
+    assert "| din | field[corrupt=0.3,corruption=swap,source=oracle] (leak) | oracle +swap 0.3 | 2 |" in controls
+
+
 def test_an_ablation_is_paired_with_the_coco_of_its_own_settings() -> None:
     # coco-novq on the oracle source is compared with coco on the oracle source, never with coco on the LM's
     auc = {"coco": [0.73, 0.74, 0.75], "coco[source=oracle]": [0.76, 0.77, 0.78],

@@ -257,7 +257,8 @@ def _controls_section(backbones: list[str], methods: list[str], cells: Mapping[s
                 gain, top = c["vs_base"]["mean_diff"], ceiling["vs_base"]["mean_diff"]
                 if gain is not None and top:
                     share = f"{100 * gain / top:.0f}%"
-            src = c["source"] + (f" +corrupt {c['corrupt']:g}" if c["corrupt"] else "")
+            how = "corrupt" if c.get("corruption", "invert") == "invert" else c["corruption"]
+            src = c["source"] + (f" +{how} {c['corrupt']:g}" if c["corrupt"] else "")
             rows.append([b, m + (" (leak)" if c["source"] == "oracle" else ""), src, str(c["n"]), _ms(c["auc"]),
                          _paired(c.get("vs_base")), _paired(c.get("knowledge_permuted_vs_own")),
                          _paired(c.get("no_knowledge_vs_own")), share, _f(c.get("between_user_share"), 3)])

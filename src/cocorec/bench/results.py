@@ -251,6 +251,7 @@ def _cell(rs: list[Mapping[str, Any]], grouping: str | None) -> dict[str, Any]:
         "auc_by_pair": {pair_of(r): t.get("auc") for r, t in zip(rs, test) if t.get("auc") is not None},
         "source": str(_get(rs[0], "config", "method_config", "source") or "lm"),
         "corrupt": float(_get(rs[0], "config", "method_config", "corrupt") or 0.0),
+        "corruption": str(_get(rs[0], "config", "method_config", "corruption") or "invert"),
     }
     for k in ("auc", "logloss", "gauc"):
         cell[k] = mean_std(t.get(k) for t in test)
