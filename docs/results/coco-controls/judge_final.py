@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import torch
 
-from cocorec.coco.judge import UserJudgeStats, judge_predictions
+from cocorec.coco.judge import UserJudgeStats
 from cocorec.serve.scorer import load_scorer
 
 torch.set_num_threads(1)
@@ -28,10 +28,8 @@ for run in sys.argv[1:]:
     m.user_source(data)
     s = data.split("train")
     p_plus, p_zero = sc.score_split("train"), sc.score_split("train", use_knowledge=False)
-    stats = UserJudgeStats(data.n_users)
-    stats.add_output(torch.from_numpy(s.user), judge_predictions(
-        *(torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in (p_plus, p_zero, s.label)),
-        json.load(open(f"{run}/metrics.json"))["config"]["method_config"].get("delta", 0.02)))
+    stats = UserJudgeStats.from_predictions(data.n_users, s.user, p_plus, p_zero, s.label, json.load(
+        open(f"{run}/metrics.json"))["config"]["method_config"].get("delta", 0.02))
     out = stats.summary(m.user_groups()["corrupt"])
     src = m.user_source(data)
     bad = src.corrupted & (stats.counts[0] > 0).numpy()

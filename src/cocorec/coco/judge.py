@@ -164,6 +164,16 @@ class UserJudgeStats:
         s.counts[: counts.shape[0]] = counts.cpu().double()
         return s
 
+    @classmethod
+    def from_predictions(cls, n_users: int, users: Any, p_plus: Any, p_zero: Any, y: Any,
+                         delta: float) -> "UserJudgeStats":
+        """Per-user sums of one judge pass over whole-split predictions (arrays or tensors): the final
+        judge pass of ``CoCo.on_fit_end`` and of its post-hoc script."""
+        s = cls(n_users)
+        t = [torch.as_tensor(np.asarray(a, dtype=np.float64)) for a in (p_plus, p_zero, y)]
+        s.add_output(torch.as_tensor(np.asarray(users, dtype=np.int64)), judge_predictions(*t, delta))
+        return s
+
     def add(self, users: torch.Tensor, contradicts: torch.Tensor, helps: torch.Tensor,
             shift: torch.Tensor | None = None, residual: torch.Tensor | None = None,
             drop: torch.Tensor | None = None) -> None:

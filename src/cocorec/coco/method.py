@@ -78,8 +78,7 @@ from tqdm.auto import tqdm
 from cocorec.coco.bank import BANK_KINDS, UserBank
 from cocorec.coco.codebook import CodebookConfig, perplexity
 from cocorec.coco.guard import GroupGuard, GuardConfig
-from cocorec.coco.judge import (COLLABORATION, CONTRADICTION, JudgeConfig, UserJudgeStats, judge_batch,
-                                judge_predictions)
+from cocorec.coco.judge import COLLABORATION, CONTRADICTION, JudgeConfig, UserJudgeStats, judge_batch
 from cocorec.coco.kvcache import BASE, KVConfig, UserTextKVCache
 from cocorec.coco.lora import LoRAConfig, add_lora, fingerprint
 from cocorec.coco.readout import ReadoutConfig
@@ -661,12 +660,9 @@ class CoCo(KnowledgeMethod):
             self.guard.enabled.fill_(True)       # both see every group's knowledge
         final = self.cfg.judge.final_pass
         if final == "on" or (final == "auto" and "corrupt" in self.user_groups()):
-            self.final_judge = UserJudgeStats(self._data.n_users)
             with_k, without = predict("train", use_knowledge=True), predict("train", use_knowledge=False)
-            self.final_judge.add_output(torch.from_numpy(with_k["user"]), judge_predictions(
-                *(torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in (with_k["prob"], without["prob"],
-                                                                               with_k["label"])),
-                self.cfg.judge.delta))
+            self.final_judge = UserJudgeStats.from_predictions(self._data.n_users, with_k["user"], with_k["prob"],
+                                                               without["prob"], with_k["label"], self.cfg.judge.delta)
         if not self.cfg.guard.guard or self.guard is None:
             return
         with_k = predict("val", use_knowledge=True)
