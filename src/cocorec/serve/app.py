@@ -580,43 +580,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _listener(host: str, port: int) -> Any:
-    """A TCP socket bound to (host, port) with SO_REUSEPORT, not listening yet (uvicorn listens once the
-    worker's app is up): every worker binds its own and the kernel spreads the connections over them."""
+    """The service's TCP socket bound to (host, port), not listening yet: the workers share it."""
     import socket
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     return sock
 
 
-def _worker_main(host: str, port: int, ready: Any) -> None:   # pragma: no cover - runs in a spawned worker
+def _worker_main(sock: Any, counts: Any, index: int, ready: Any) -> None:   # pragma: no cover - a spawned worker
     import uvicorn
 
-    config = uvicorn.Config("cocorec.serve.app:_worker_app", factory=True, host=host, port=port, log_level="warning",
+    from cocorec.serve.fleet import Balancer
+
+    class Server(uvicorn.Server):
+        """uvicorn with no listener of its own: the worker's :class:`~cocorec.serve.fleet.Balancer` accepts
+        from the shared socket and hands each connection to uvicorn's HTTP protocol."""
+
+        balancer = Balancer(sock, counts, index)
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=[])
+            if self.started:
+                self.balancer.start(self.config.http_protocol_class, config=self.config,
+                                    server_state=self.server_state, app_state=self.lifespan.state)
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            await self.balancer.stop()
+            await super().shutdown(sockets=None)
+
+    config = uvicorn.Config("cocorec.serve.app:_worker_app", factory=True, log_level="warning",
                             access_log=False, proxy_headers=False)
     config.load()   # the bundle first: a worker takes connections only once it can score them
-    sock = _listener(host, port)
     ready.set()
-    uvicorn.Server(config).run(sockets=[sock])
+    Server(config).run()
 
 
 def _supervise(workers: int, host: str, port: int) -> int:
-    """Run ``workers`` worker processes (spawned) on one port and restart one that dies; each has its own
-    SO_REUSEPORT socket. uvicorn's ``--workers`` shares one socket instead, and a worker's event loop
-    accepts every connection that is waiting when it wakes: of 8 connections opened at once, all 8 went
-    to one worker in half the tries; with a socket each the kernel spreads them by a hash of the address."""
+    """Run ``workers`` worker processes (spawned) on one port and restart one that dies. They share one
+    listening socket and take its connections least-loaded first (:class:`~cocorec.serve.fleet.Balancer`):
+    uvicorn's ``--workers`` lets each worker's event loop accept every connection waiting when it wakes
+    (all 8 of 8 opened at once went to one worker in half the tries), a socket per worker (SO_REUSEPORT)
+    leaves the split to a hash of the address (6 / 2 or worse in a third of the tries)."""
     import multiprocessing
     import signal
 
     from cocorec.config import ConfigError
 
     try:   # the port is free (or ours): a one-line error here, not N workers failing one by one
-        hold = _listener(host, port)
+        sock = _listener(host, port)
     except OSError as e:
         raise ConfigError(f"cannot bind {host}:{port}: {e.strerror or e}") from None
     ctx = multiprocessing.get_context("spawn")
+    counts = ctx.RawArray("q", [-1] * workers)   # open connections of each worker; -1: not accepting
     stop = {"signal": None}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -625,24 +642,30 @@ def _supervise(workers: int, host: str, port: int) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     procs: list[Any] = []
     try:
-        def start() -> Any:
+        def start(i: int) -> Any:
+            counts[i] = -1
             ready = ctx.Event()   # set by the worker once its app is up: one that dies before could not start
-            p = ctx.Process(target=_worker_main, args=(host, port, ready), daemon=False)
+            p = ctx.Process(target=_worker_main, args=(sock, counts, i, ready), daemon=False)
             p.ready = ready
             p.start()
             return p
 
-        procs = [start() for _ in range(workers)]
+        procs = [start(i) for i in range(workers)]
+        listening = False
         while stop["signal"] is None:
             time.sleep(0.2)
+            if not listening and any(p.ready.is_set() for p in procs):
+                sock.listen(2048)   # once a worker can score: before, a client is refused rather than kept waiting
+                listening = True
             for i, p in enumerate(procs):
                 if p.is_alive() or stop["signal"] is not None:
                     continue
+                counts[i] = -1   # it accepts no more: the others must not wait for it
                 if not p.ready.is_set():   # it could not load the bundle or bind: say so, do not loop
                     raise ConfigError(f"worker {p.pid} exited with code {p.exitcode} while starting; see its "
                                       f"error above")
                 print(f"worker {p.pid} exited with code {p.exitcode}; starting another", file=sys.stderr, flush=True)
-                procs[i] = start()
+                procs[i] = start(i)
         return 0
     finally:
         for p in procs:
@@ -655,7 +678,7 @@ def _supervise(workers: int, host: str, port: int) -> int:
                 p.join(5)
         for s, h in old.items():
             signal.signal(s, h)
-        hold.close()
+        sock.close()
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
