@@ -230,9 +230,44 @@ def test_din_interest_matches_a_per_row_reference():
         for i in range(B):
             r = _row(x, i)
             t = r.target.expand_as(r.hist[0])
-            w = model.attention(torch.cat([t, r.hist[0], t - r.hist[0], t * r.hist[0]], -1))  # [L, 1], no softmax
+            mlp = torch.nn.Sequential.forward   # the unit's MLP itself, on [t, h, t - h, t * h]
+            w = mlp(model.attention, torch.cat([t, r.hist[0], t - r.hist[0], t * r.hist[0]], -1))  # [L, 1], no softmax
             assert_close(pooled[i], (w * r.hist[0]).sum(0), atol=1e-6, rtol=1e-5)
     assert torch.equal(pooled[1], torch.zeros_like(pooled[1]))        # row without history
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_for_inference_with_an_item_table_gives_the_same_logits(name):
+    """A batch whose item features are rows of the tables (as a bundle builds it): the copy that looks item
+    vectors up gives the model's logits, padding included; the model itself gets no table."""
+    model = make(name).eval()
+    g = torch.Generator().manual_seed(3)
+    feats = torch.stack([torch.randint(1, n, (SPEC.n_items,), generator=g) for n in SPEC.item_fields.values()], -1)
+    tags = torch.randint(0, SPEC.n_tags, (SPEC.n_items, SPEC.max_tags), generator=g)   # 0: an empty tag slot
+    feats[0], tags[0] = 0, 0
+    b = batch()
+    b.update(item_feats=feats[b["item"]], item_tags=tags[b["item"]], hist_feats=feats[b["hist_items"]],
+             hist_tags=tags[b["hist_items"]])
+    fast = model.for_inference(feats, tags)
+    with torch.no_grad():
+        assert_close(fast(b, knowledge()), model(b, knowledge()), atol=1e-5, rtol=1e-5)
+    assert "item_table" in dict(fast.named_buffers()) and "item_table" not in dict(model.named_buffers())
+
+
+@pytest.mark.parametrize("act,hidden", [("dice", (64,)), ("dice", (32, 16)), ("prelu", (64,)), ("relu", (8,))])
+def test_din_for_inference_gives_the_same_logits_as_the_model(act, hidden):
+    """The folded unit (serving) gives the trained model's logits, padded rows and a row with no history
+    included, with Dice's running statistics moved off their initial values; the model itself is untouched."""
+    model = make("din", attention_activation=act, attention_hidden_units=hidden)
+    model.train()
+    for seed in range(3):   # Dice's running mean / variance away from 0 / 1
+        model(batch(seed), knowledge(seed + 1))
+    model.eval()
+    keys = set(model.state_dict())
+    fast = model.for_inference()
+    with torch.no_grad():
+        assert_close(fast(batch(), knowledge()), model(batch(), knowledge()), atol=1e-5, rtol=1e-5)
+    assert type(fast.attention).__name__ == "FoldedActivationUnit" and set(model.state_dict()) == keys
 
 
 def test_dien_matches_a_per_row_reference():

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -114,6 +115,9 @@ class BaseModel(nn.Module):
     # ------------------------------------------------------------------ embeddings
     def item_vectors(self, items: torch.Tensor, feats: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
         """[..., Di] item representation: id, mean tag embedding, categorical field embeddings."""
+        table = getattr(self, "item_table", None)
+        if table is not None:   # made by for_inference from the features of every item
+            return table[items]
         tag_mask = (tags > 0).unsqueeze(-1).to(self.tag_emb.weight.dtype)
         tag_vec = (self.tag_emb(tags) * tag_mask).sum(-2) / tag_mask.sum(-2).clamp_min(1.0)
         parts = [self.item_emb(items), tag_vec] + [emb(feats[..., j]) for j, emb in enumerate(self.item_field_embs)]
@@ -143,6 +147,22 @@ class BaseModel(nn.Module):
 
     def score(self, x: Inputs) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def for_inference(self, item_feats: torch.Tensor | None = None,
+                      item_tags: torch.Tensor | None = None) -> "BaseModel":
+        """A copy in eval mode that gives this model's logits (to float rounding) with less work, for serving
+        (:class:`cocorec.serve.bundle.BundleScorer` traces it and checks it against this model).
+
+        ``item_feats`` [n_items, F] and ``item_tags`` [n_items, max_tags], the features of every item id
+        (row 0: padding), make the item vectors a table computed once: a batch whose item features are
+        those rows (as the bundle builds its batches) then looks its items up instead of pooling tags for
+        every history position of every row. Backbones add their own folds (:meth:`DIN.for_inference`)."""
+        m = copy.deepcopy(self).eval()
+        if item_feats is not None and item_tags is not None:
+            with torch.no_grad():
+                ids = torch.arange(item_feats.shape[0], device=item_feats.device)
+                m.register_buffer("item_table", self.item_vectors(ids, item_feats, item_tags))
+        return m
 
     def add_loss(self) -> torch.Tensor | None:
         """The backbone's own auxiliary loss from its last training forward (FuxiCTR's ``add_loss``), or

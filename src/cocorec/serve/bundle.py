@@ -273,8 +273,9 @@ class _Traced(torch.nn.Module):
 
 
 def _frozen(b: "BundleScorer") -> tuple[Any, str]:
-    """The backbone traced and frozen with TorchScript (``torch.jit.freeze`` + ``optimize_for_inference``:
-    folded constants, fused linear + activation; ~20% less CPU a 100-candidate DIN pass than eager), or
+    """The backbone's inference form (:meth:`~cocorec.models.base.BaseModel.for_inference`) traced and frozen
+    with TorchScript (``torch.jit.freeze`` + ``optimize_for_inference``: folded constants, fused linear +
+    activation; less CPU a 100-candidate DIN pass than eager, benchmarks/RESULTS.md), or
     the eager backbone with the reason when tracing fails or the trace does not give the eager logits
     (to 1e-5) on probes of other sizes: a known user, an unknown one with no history, several users."""
     import warnings
@@ -292,7 +293,7 @@ def _frozen(b: "BundleScorer") -> tuple[Any, str]:
     try:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")   # the tracer's notes on Python values it records as constants
-            wrapped = _Traced(b.model, n_k).eval()
+            wrapped = _Traced(b.model.for_inference(b.item_feats, b.item_tags), n_k).eval()
             traced = torch.jit.trace(wrapped, (dict(first), tuple(b.lookup(first) or ())), strict=False,
                                      check_trace=False)
             frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
