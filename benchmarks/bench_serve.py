@@ -357,7 +357,8 @@ def main() -> int:
                 ms = np.array(lat) * 1e3
                 p50, p99 = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
                 ref_p99 = p99s[refs.get(name, named[0][0])]
-                rows.append({"bundle": name, "method": info[name]["method"], "workers": workers[name] or 1,
+                n_workers = workers[name] or min(2, os.cpu_count() or 1)   # else cocorec serve's default
+                rows.append({"bundle": name, "method": info[name]["method"], "workers": n_workers,
                              "model_threads": 1 if mthreads[name] is None else mthreads[name],
                              "ref": refs.get(name, named[0][0]), "clients": c, "requests": len(lat),
                              "errors": err, "req_per_s": len(lat) / wall, "p50_ms": p50, "p99_ms": p99,
