@@ -1,7 +1,7 @@
 """Worker processes of one service (``cocorec serve --workers N``) that serve one bundle, all of them.
 
-The service's main process starts N spawned processes (and starts another when one dies), each with
-its own SO_REUSEPORT socket on the port; each loads the bundle, runs uvicorn and scores on its own core
+The service's main process starts N spawned processes (and starts another when one dies) that share its
+listening socket (:class:`Balancer`); each loads the bundle, runs uvicorn and scores on its own core
 (one process saturates one core: the Python around the model pass holds one interpreter). What one
 worker is asked must reach every worker, through a state directory the main process creates (and
 removes at exit):
