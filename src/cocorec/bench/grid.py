@@ -295,7 +295,7 @@ def subset_grid(grid: Grid, datasets: Any = None, backbones: Any = None, methods
     report of the whole grid lists what is still missing. A name the grid does not have is an error.
 
     A method name keeps every entry of that method (``kar`` keeps ``kar[source=oracle]`` too); an
-    entry with settings keeps that entry only.
+    entry with settings keeps that entry only, and ``NAME[]`` the entry without settings only.
 
     Example:
         >>> g = load_grid({"backbones": ["din", "dcnv2"], "methods": ["base", "kar", "kar[source=oracle]", "coco"],
@@ -303,6 +303,8 @@ def subset_grid(grid: Grid, datasets: Any = None, backbones: Any = None, methods
         >>> s = subset_grid(g, methods="base,kar", seeds="1")
         >>> s.backbones, s.methods, s.seeds
         (['din', 'dcnv2'], ['base', 'kar', 'kar[source=oracle]'], [1])
+        >>> subset_grid(g, methods="kar[]").methods
+        ['kar']
     """
     def keep(have: list, wanted: list, what: str, match: Callable[[Any, Any], bool] = lambda h, w: h == w) -> list:
         unknown = [w for w in wanted if not any(match(h, w) for h in have)]
@@ -312,6 +314,8 @@ def subset_grid(grid: Grid, datasets: Any = None, backbones: Any = None, methods
         return [h for h in have if any(match(h, w) for w in wanted)]
 
     def same_method(entry: str, wanted: str) -> bool:
+        if wanted.endswith("[]"):   # the entry without settings only
+            return entry == wanted[:-2]
         return entry == wanted or ("[" not in wanted and parse_method_entry(entry)[0] == wanted)
 
     out = _replace(grid)
@@ -320,8 +324,8 @@ def subset_grid(grid: Grid, datasets: Any = None, backbones: Any = None, methods
     if backbones is not None:
         out.backbones = keep(grid.backbones, [b.lower() for b in _str_list(backbones, "backbones")], "backbones")
     if methods is not None:
-        out.methods = keep(grid.methods, [_canonical_entry(m) for m in _split_entries(methods)], "methods",
-                           same_method)
+        out.methods = keep(grid.methods, [m if m.endswith("[]") else _canonical_entry(m)
+                                          for m in _split_entries(methods)], "methods", same_method)
     if seeds is not None:
         out.seeds = keep(grid.seeds, _int_list(seeds, "seeds"), "seeds")
     if split_seeds is not None:
