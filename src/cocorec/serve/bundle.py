@@ -329,8 +329,9 @@ class BundleScorer:
 
     Constructor Args:
         path: the bundle directory (``cocorec export``).
-        jit: run the backbone as a frozen TorchScript trace (``engine`` says which runs: ``jit``, or
-            ``eager (why)`` when the trace failed or did not give the backbone's logits on the probes).
+        jit: run the backbone's inference form (:meth:`~cocorec.models.base.BaseModel.for_inference`) as a
+            frozen TorchScript trace (``engine`` says which runs: ``jit``, or ``eager (why)`` - the trained
+            model itself - when the trace failed or did not give the trained model's logits on the probes).
     """
 
     def __init__(self, path: str | Path, jit: bool = True) -> None:
