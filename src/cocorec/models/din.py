@@ -18,9 +18,8 @@ Also home of :class:`Dice` and :func:`dnn`, the activation-aware MLP shared with
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import copy
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -103,10 +102,6 @@ class ActivationUnit(nn.Sequential):
         t = target.unsqueeze(1).expand_as(hist)[mask]                    # [N, Di]
         return super().forward(torch.cat([t, h, t - h, t * h], dim=-1)).squeeze(-1)
 
-    def folded(self) -> "FoldedActivationUnit":
-        """The same unit with its first layer split by input (see the module), for inference."""
-        return FoldedActivationUnit(self)
-
 
 class FoldedActivationUnit(nn.Module):
     """An :class:`ActivationUnit` folded for inference: the same scores to float rounding, with less work.
@@ -122,7 +117,7 @@ class FoldedActivationUnit(nn.Module):
         True
         >>> unit = ActivationUnit(*dnn(4 * 8, (16,), "dice", out_dim=1)).eval()
         >>> t, h, mask = torch.randn(3, 8), torch.randn(3, 5, 8), torch.rand(3, 5) > 0.3
-        >>> bool((unit.folded()(t, h, mask) - unit(t, h, mask)).abs().max() < 1e-5)
+        >>> bool((FoldedActivationUnit(unit)(t, h, mask) - unit(t, h, mask)).abs().max() < 1e-5)
         True
     """
 
@@ -182,7 +177,7 @@ class DIN(BaseModel):
         """As :meth:`BaseModel.for_inference`, with the activation unit folded (see the module)."""
         m = super().for_inference(item_feats, item_tags)
         if isinstance(m.attention, ActivationUnit):
-            m.attention = m.attention.folded()
+            m.attention = FoldedActivationUnit(m.attention)
         return m
 
     def score(self, x: Inputs) -> torch.Tensor:
