@@ -324,3 +324,23 @@ def test_coco_run_killed_after_an_epoch_resumes_to_the_uninterrupted_run(toy_dat
         return [h["val_auc"] for h in m["train"]["history"]]
 
     assert val_aucs(resumed.metrics) == val_aucs(full) and len(val_aucs(full)) == 3   # epoch 3 trains after the resume
+
+
+def test_a_phase_decided_too_near_an_epochs_end_waits_and_runs_all_its_steps(toy_data, tmp_path):
+    """The epoch's end ends a phase, so one decided with fewer than ``phase_steps`` steps left would be
+    cut short (ml-100k split 44: 61-step epochs, warm-up 60, one LoRA update instead of 10): it waits
+    for the next epoch instead and runs whole."""
+    import math
+
+    train = TrainConfig(**{**TRAIN.__dict__, "epochs": 2, "patience": 5, "batch_size": 32})
+    steps = math.ceil(toy_data.split("train").n / train.batch_size)
+    assert steps >= 5
+    judge = {"delta": -5.0, "rate_threshold": -1.0, "rate_window": 1, "warmup_steps": steps - 1, "phase_steps": 3,
+             "cooldown_steps": 100, "max_phases": 1, "knowledge_dropout": 0.0}
+    cfg = RunConfig(dataset="toy", backbone="din", method="coco", seed=0, output=str(tmp_path / "run"),
+                    results=None, train=train, model={"hidden_units": (32, 16)}, quiet=True,
+                    method_args={**SMALL, **judge})
+    d = run(cfg, data=toy_data)["diagnostics"]["contradiction"]
+    assert d["n_lora_updates"] == 3 and d["n_phases"] == 1
+    assert [(e["event"], e["step"]) for e in d["phases"]] == [("start", steps + 1), ("end", steps + 4)]
+    assert d["phase_steps"] == [steps + 1, steps + 2, steps + 3]   # the first 3 steps of epoch 2, after one

@@ -258,12 +258,36 @@ class PhaseScheduler:
         self.steps_in_phase = 0
         self.n_phases = 0
         self.last_phase_end = -10**9
+        self.epoch_end: int | None = None    # the step count at which the running epoch ends (begin_epoch)
+        self.epoch_len = 0
         self.history: list[tuple[int, float, str]] = []   # (step, rate, phase of that step)
         self.events: list[dict[str, Any]] = []
 
     @property
     def recent_rate(self) -> float:
         return sum(self.recent) / len(self.recent) if self.recent else 0.0
+
+    def begin_epoch(self, steps: int) -> None:
+        """The epoch about to run has ``steps`` steps. An epoch's end ends a phase (its evaluation needs
+        the caches rebuilt with the new LM), so a phase starts only where all its ``phase_steps`` fit
+        before that end (in an epoch shorter than a phase: only on its first step); otherwise it waits
+        for the next epoch.
+
+        Example:
+            >>> s = PhaseScheduler(threshold=0.2, window=2, phase_steps=3, cooldown_steps=0)
+            >>> s.begin_epoch(4)
+            >>> [s.observe(0.5) for _ in range(4)]   # the window is full after step 2, with 2 steps left
+            [None, None, None, None]
+            >>> s.begin_epoch(4)
+            >>> [s.observe(0.5) for _ in range(4)]
+            ['start', None, None, 'end']
+        """
+        self.epoch_end, self.epoch_len = self.steps + int(steps), int(steps)
+
+    def _fits(self) -> bool:
+        if self.epoch_end is None:
+            return True
+        return self.epoch_end - self.steps >= max(1, min(self.phase_steps, self.epoch_len - 1))
 
     def observe(self, rate: float) -> str | None:
         """Record the rate of the step just run; returns ``"start"``/``"end"`` when the phase changes."""
@@ -277,7 +301,7 @@ class PhaseScheduler:
             return None
         if (self.enabled and self.n_phases < self.max_phases and self.steps >= self.warmup_steps
                 and len(self.recent) >= self.window and self.steps - self.last_phase_end >= self.cooldown_steps
-                and self.recent_rate > self.threshold):
+                and self.recent_rate > self.threshold and self._fits()):
             self.phase = CONTRADICTION
             self.steps_in_phase = 0
             self.n_phases += 1

@@ -632,6 +632,9 @@ class CoCo(KnowledgeMethod):
         return loss, logs
 
     # ------------------------------------------------------------------ hooks
+    def on_epoch_start(self, epoch: int, steps: int) -> None:
+        self.scheduler.begin_epoch(steps)   # a phase starts only where its steps fit in the epoch
+
     def on_epoch_end(self, epoch: int) -> None:
         self.scheduler.end_phase()     # a phase never spans an evaluation (the caches are rebuilt first)
         if self.cfg.bank == "states" and self._prepared:

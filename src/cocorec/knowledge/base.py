@@ -11,7 +11,7 @@ it the run's seed (``method.seed``: every draw of the method follows it). The co
   needs; what the checkpoint restored is not recomputed). The trainer and the scorer call it;
 * ``training_loss(model, batch, step)`` per step -> (the method's loss, logs); the trainer adds the
   backbone's own auxiliary loss (``model.add_loss()``) and the regularisers;
-* ``on_epoch_end(epoch)``; ``on_fit_end(predict)`` once the best weights are back, with
+* ``on_epoch_start(epoch, steps)`` and ``on_epoch_end(epoch)``; ``on_fit_end(predict)`` once the best weights are back, with
   ``predict(split, use_knowledge)`` -> ``{"prob", "label", "user"}`` (CoCo's group guard);
 * ``forward(batch)`` for evaluation -> list of knowledge tensors (or None for no knowledge);
 * ``diagnostics()`` after training -> JSON-able dict written with the metrics.
@@ -117,6 +117,9 @@ class KnowledgeMethod(nn.Module):
             loss = loss + aux
             logs["aux"] = float(aux.detach())
         return loss, logs
+
+    def on_epoch_start(self, epoch: int, steps: int) -> None:
+        """Hook for schedules: the epoch about to run has ``steps`` optimizer steps."""
 
     def on_epoch_end(self, epoch: int) -> None:
         """Hook for schedules (e.g. CoCo contradiction phases, cache rebuilds)."""

@@ -272,6 +272,7 @@ class Trainer:
         while self.epoch < self.cfg.epochs and self.bad_epochs < self.cfg.patience:
             self.model.train()
             self.method.train()
+            self.method.on_epoch_start(self.epoch, steps)
             t0 = time.perf_counter()
             bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=self.quiet,
                        unit="batch", leave=False)
