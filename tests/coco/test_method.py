@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -330,8 +331,6 @@ def test_a_phase_decided_too_near_an_epochs_end_waits_and_runs_all_its_steps(toy
     """The epoch's end ends a phase, so one decided with fewer than ``phase_steps`` steps left would be
     cut short (ml-100k split 44: 61-step epochs, warm-up 60, one LoRA update instead of 10): it waits
     for the next epoch instead and runs whole."""
-    import math
-
     train = TrainConfig(**{**TRAIN.__dict__, "epochs": 2, "patience": 5, "batch_size": 32})
     steps = math.ceil(toy_data.split("train").n / train.batch_size)
     assert steps >= 5

@@ -312,8 +312,9 @@ class PhaseScheduler:
     def end_phase(self) -> str | None:
         """End a running contradiction phase (also called at an epoch's end).
 
-        A phase that has not run a single step yet (it was decided on an epoch's last step) is
-        cancelled instead: it does not count, and the next step may start it again.
+        A phase that has not run a single step yet (decided on an epoch's last step, which only a
+        scheduler never told the epoch's length by :meth:`begin_epoch` does) is cancelled instead: it
+        does not count, and the next step may start it again.
         """
         if self.phase != CONTRADICTION:
             return None
