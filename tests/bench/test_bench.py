@@ -113,9 +113,12 @@ def test_shipped_grids_load() -> None:
     assert ci.methods == ["base"] and ci.overrides["train"]["epochs"] == "1"
     quick = grids["quick"]
     q = load_grid(QUICK_GRID)
-    assert (quick.datasets, quick.backbones, quick.methods, quick.seeds, quick.overrides) == (
-        q.datasets, q.backbones, q.methods, q.seeds, q.overrides)                 # demo == grids/quick.yaml
+    assert (quick.datasets, quick.backbones, quick.methods, quick.seeds, quick.overrides, quick.method_overrides) == (
+        q.datasets, q.backbones, q.methods, q.seeds, q.overrides, q.method_overrides)  # demo == grids/quick.yaml
     assert demo_grid().methods == ["base", "kar", "coco"]
+    # the demo's LM dtypes are the CPU's fastest: never an explicit bf16 that a CPU without AVX512-BF16 emulates
+    demo_runs = expand_grid(demo_grid(), out_dir="d")
+    assert [p.config.method_args.get("lm_dtype", "auto") for p in demo_runs] == ["auto"] * 3
     for g in grids.values():
         assert len(expand_grid(g)) == (len(g.datasets) * len(g.backbones) * len(g.methods) * len(g.seeds)
                                        * len(g.split_seeds or [0]))

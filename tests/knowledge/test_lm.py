@@ -325,3 +325,23 @@ def test_one_lm_policy_for_every_method(monkeypatch) -> None:
     assert [c.name_or_path for c in seen] == ["tiny", "tiny"] and seen[1].dtype == "auto"
     monkeypatch.setattr(lm_mod, "native_bf16", lambda device: False)
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_bf16_on_a_cpu_that_emulates_it_warns_and_auto_avoids_it(tmp_path: Path, monkeypatch) -> None:
+    import warnings
+
+    import cocorec.knowledge.lm as lm_mod
+
+    tiny = lm_mod.tiny_lm()
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    monkeypatch.setattr(lm_mod, "native_bf16", lambda device: False)
+    with pytest.warns(UserWarning, match=f"{tmp_path.name}: LM dtype bfloat16 on a CPU without native bf16"):
+        assert load_lm(LMConfig(str(tmp_path), device="cpu", dtype="bf16")).dtype == torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_lm(LMConfig(str(tmp_path), device="cpu", dtype="auto")).dtype == torch.float32
+    monkeypatch.setattr(lm_mod, "native_bf16", lambda device: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_lm(LMConfig(str(tmp_path), device="cpu", dtype="bf16")).dtype == torch.bfloat16

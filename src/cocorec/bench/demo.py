@@ -1,4 +1,5 @@
-"""The quick comparison behind ``cocorec demo``: base, kar and coco on DIN, ml-100k, seed 0 (KAR's texts in bf16).
+"""The quick comparison behind ``cocorec demo``: base, kar and coco on DIN, ml-100k, seed 0 (KAR's LM in bf16
+where the CPU computes bf16 natively, else float32).
 
 It is a small bench grid (:data:`QUICK_GRID`, the same as ``grids/quick.yaml``): resumable (rerun to
 continue; finished runs are not repeated), a method that fails (e.g. its LM is missing) is reported and
@@ -27,17 +28,18 @@ QUICK_GRID: dict[str, Any] = {
     "methods": ["base", "kar", "coco"],
     "seeds": [0],
     "overrides": {"train.epochs": 2},
-    # KAR's texts in bf16: this CPU computes bf16 natively, and cold generation took 17.6 min against 30.6
-    # in fp32 (benchmarks/RESULTS.md). Its own cache entry (the dtype is in the LM identity); KAR's default
-    # for every other run stays fp32, the texts behind the published results.
-    "method_overrides": {"kar": {"method.lm_dtype": "bf16"}},
+    # KAR's LM in the dtype the CPU computes fastest: bf16 where it is native (AVX512-BF16/AMX: cold generation
+    # 17.6 vs 30.6 min in fp32), float32 where bf16 would be emulated (~7x slower than fp32 on an AVX2 CPU);
+    # benchmarks/RESULTS.md. Each dtype is its own cache entry (it is in the LM identity); KAR's default for
+    # every other run stays fp32, the texts behind the published results.
+    "method_overrides": {"kar": {"method.lm_dtype": "auto"}},
 }
 DEMO_DIR = "runs/demo"
 
 
 def demo_grid(quick: bool = True, data_dir: str | None = None) -> Grid:
     """The demo's grid: ``quick`` trains 2 epochs; otherwise the trainer's defaults (early stopping).
-    Both generate KAR's texts in bf16 (``method_overrides``)."""
+    Both generate KAR's texts with ``lm_dtype=auto`` (``method_overrides``: bf16 where native)."""
     raw = copy.deepcopy(QUICK_GRID)
     raw["name"] = "demo" if quick else "demo-full"
     if not quick:

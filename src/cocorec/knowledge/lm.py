@@ -810,6 +810,12 @@ def _load_dir(model_dir: Path, identity: str, cfg: LMConfig) -> LM:
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if dtype == torch.bfloat16 and device.type == "cpu" and not native_bf16(device):
+        # An explicit bf16 on such a CPU is emulated: the SmolLM2 forward ran ~7x slower than float32 on an
+        # AVX2-only CPU (benchmarks/RESULTS.md). "auto" never picks it there.
+        warnings.warn(f"{model_dir.name}: LM dtype bfloat16 on a CPU without native bf16 (AVX512-BF16/AMX) is "
+                      "emulated and several times slower than float32; dtype 'auto' picks float32 here",
+                      stacklevel=3)
     extra: dict[str, Any] = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
