@@ -29,7 +29,7 @@ QUICK_GRID: dict[str, Any] = {
     "seeds": [0],
     "overrides": {"train.epochs": 2},
     # KAR's LM in the dtype the CPU computes fastest: bf16 where it is native (AVX512-BF16/AMX: cold generation
-    # 17.6 vs 30.6 min in fp32), float32 where bf16 would be emulated (~7x slower than fp32 on an AVX2 CPU);
+    # 17.6 vs 30.6 min in fp32), float32 where bf16 would be emulated (4.6-6.4x slower than fp32 on an AVX2 CPU);
     # benchmarks/RESULTS.md. Each dtype is its own cache entry (it is in the LM identity); KAR's default for
     # every other run stays fp32, the texts behind the published results.
     "method_overrides": {"kar": {"method.lm_dtype": "auto"}},

@@ -811,7 +811,7 @@ def _load_dir(model_dir: Path, identity: str, cfg: LMConfig) -> LM:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if dtype == torch.bfloat16 and device.type == "cpu" and not native_bf16(device):
-        # An explicit bf16 on such a CPU is emulated: the SmolLM2 forward ran ~7x slower than float32 on an
+        # An explicit bf16 on such a CPU is emulated: SmolLM2 ran 4.6-6.4x slower than float32 on an
         # AVX2-only CPU (benchmarks/RESULTS.md). "auto" never picks it there.
         warnings.warn(f"{model_dir.name}: LM dtype bfloat16 on a CPU without native bf16 (AVX512-BF16/AMX) is "
                       "emulated and several times slower than float32; dtype 'auto' picks float32 here",
