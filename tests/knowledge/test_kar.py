@@ -101,6 +101,17 @@ def test_cache_miss_then_hit(tmp_path):
     assert b.count_cached("user", more) == (6, 5)
 
 
+def test_generation_logs_what_it_generated_and_how_long_it_took(tmp_path):
+    said: list[str] = []
+    store = _store(tmp_path, log=said.append)
+    store.generate("user", PROMPTS)
+    assert said[0] == "user: generating 12 of 12 texts (0 cached) in 3 batches of 4"
+    assert said[1].startswith("user: first batch took ") and said[-1].startswith("user: generated 12 texts in ")
+    assert said[-1].endswith(" s a batch)") and len(said) == 3
+    store.generate("user", PROMPTS)   # all cached: nothing generated, nothing said
+    assert len(said) == 3
+
+
 def test_killed_run_resumes_with_only_the_missing_prompts(tmp_path):
     dying = _store(tmp_path / "c", lm=CountingLM(fail_after=2))  # killed during the 3rd of 3 batches
     with pytest.raises(KeyboardInterrupt):

@@ -313,7 +313,10 @@ class KnowledgeStore:
                         self._say(f"{kind}: first batch took {dt:.1f} s -> estimate <= "
                                   f"{dt * n_batches / 60:.1f} min for {len(missing)} texts "
                                   f"(first batch = longest prompts)")
-            self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - t_all
+            took = time.perf_counter() - t_all
+            self.seconds[kind] = self.seconds.get(kind, 0.0) + took
+            # a log (no terminal, so no bar) otherwise shows only the first batch's estimate
+            self._say(f"{kind}: generated {len(missing)} texts in {took:.1f} s ({took / n_batches:.1f} s a batch)")
         return [cache[k] for k in keys]
 
     # -- knowledge of users and items -----------------------------------------------------------
