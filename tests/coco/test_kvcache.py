@@ -78,12 +78,15 @@ def test_versions_rebuild_only_stale_users(lm):
     assert cache.users_built == 4
 
 
-def test_a_build_shows_a_bar_in_tokens_with_an_eta(lm, capsys):
-    cache = UserTextKVCache.from_texts(lm, TEXTS, dtype="float32", progress=True, batch_tokens=16)
+def test_a_build_shows_its_progress_in_tokens_with_an_eta_in_a_log_too(lm, capsys):
+    # stderr is not a terminal here, as in a logged run: whole lines, not a bar nor silence
+    cache = UserTextKVCache.from_texts(lm, TEXTS, dtype="float32", batch_tokens=16)
     cache.ensure(range(len(TEXTS)))
     err = capsys.readouterr().err
     tokens = int(cache.lengths.sum())
-    assert f"user-text KV ({len(TEXTS)} users)" in err and f"{tokens}/{tokens}" in err and "<" in err   # ETA field
+    last = err.splitlines()[-1]
+    assert last.startswith(f"user-text KV ({len(TEXTS)} users): 100% {tokens}/{tokens} tok [") and "<" in last
+    assert "\r" not in err
     UserTextKVCache.from_texts(lm, TEXTS, dtype="float32", progress=False).ensure(range(len(TEXTS)))
     assert capsys.readouterr().err == ""
 

@@ -264,13 +264,14 @@ def test_the_trainer_adds_the_backbones_auxiliary_loss_under_coco(toy_data):
 
 
 
-def test_the_bank_refill_shows_a_bar_in_a_terminal(toy_data, capsys):
+def test_the_bank_refill_shows_its_progress_in_a_log_too(toy_data, capsys):
     tr, m, model = _setup(toy_data, lm_batch_users=4)
     capsys.readouterr()
-    m.kv.progress = True    # as in a terminal
+    assert m.kv.progress is False   # the quiet trainer of _setup silenced it
+    m.kv.progress = None            # a run that is not quiet: a bar in a terminal, lines in a log (stderr here)
     m.refresh_bank()
     err, n = capsys.readouterr().err, len(m._train_users)
-    assert "CoCo bank refill:" in err and f"/{n} [" in err and n > 4   # users done / all, then the timing
+    assert f"CoCo bank refill: 100% {n}/{n} user [" in err and n > 4   # users done / all, then the timing
     m.kv.progress = False
     m.refresh_bank()
     assert capsys.readouterr().err == ""

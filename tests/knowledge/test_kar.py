@@ -112,6 +112,15 @@ def test_generation_logs_what_it_generated_and_how_long_it_took(tmp_path):
     assert len(said) == 3
 
 
+def test_generation_in_a_log_writes_progress_lines_with_an_eta(tmp_path, capsys):
+    _store(tmp_path / "a", progress=None).generate("user", PROMPTS)   # stderr is not a terminal here
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("generate user:   0% 0/12 text [00:00<?]")
+    assert lines[-1].startswith("generate user: 100% 12/12 text [") and "<" in lines[-1]
+    _store(tmp_path / "b", progress=False).generate("user", PROMPTS)
+    assert capsys.readouterr().err == ""
+
+
 def test_killed_run_resumes_with_only_the_missing_prompts(tmp_path):
     dying = _store(tmp_path / "c", lm=CountingLM(fail_after=2))  # killed during the 3rd of 3 batches
     with pytest.raises(KeyboardInterrupt):

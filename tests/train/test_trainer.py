@@ -151,5 +151,7 @@ def test_prediction_over_several_batches_shows_a_bar_unless_quiet(ml100k, capsys
     n = ml100k.split("val").n
     Trainer(model, build_method("base"), ml100k, cfg, quiet=False).predict("val")
     assert "predict val:" in capsys.readouterr().err and n > 2048
-    Trainer(model, build_method("base"), ml100k, cfg, quiet=True).predict("val")
+    quiet = Trainer(model, build_method("base"), ml100k, cfg, quiet=True)
+    quiet.predict("val")
     assert capsys.readouterr().err == ""
+    assert quiet.method.progress is False   # a quiet run's knowledge steps (LM passes) are silent too

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -56,11 +55,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from cocorec.config import ConfigError
 from cocorec.knowledge.lm import LM, cache_from_kv, kv_from_cache, resolve_dtype
 from cocorec.utils.io import key_of
+from cocorec.utils.progress import progress_bar
 
 __all__ = ["BASE", "UserTextKVCache", "kv_bytes_per_token", "resolve_storage"]
 
@@ -303,7 +302,7 @@ class UserTextKVCache:
         self.dtype = _storage_dtype(dtype)
         self.keep_hidden = keep_hidden
         self.batch_tokens = batch_tokens
-        self.progress = sys.stderr.isatty() if progress is None else progress   # a bar with an ETA in a terminal
+        self.progress = progress   # None: a bar with an ETA in a terminal, lines in a log; False: nothing
         # Shapes from a one-token pass (works for any architecture the LM runtime supports).
         with torch.no_grad():
             probe = lm.embed_tokens(torch.tensor([[self.token_ids[0][0]]], device=lm.device))
@@ -437,8 +436,8 @@ class UserTextKVCache:
         t0 = time.perf_counter()
         todo = todo[np.argsort(-self.lengths[todo], kind="stable")]   # similar lengths share a batch
         # tokens, not users, measure the work: the longest texts come first, so a per-user ETA would lie
-        bar = tqdm(total=int(self.lengths[todo].sum()), unit="tok", unit_scale=True, dynamic_ncols=True,
-                   desc=f"user-text KV ({len(todo)} users)", disable=not self.progress or len(todo) < 2)
+        bar = progress_bar(int(self.lengths[todo].sum()), f"user-text KV ({len(todo)} users)", "tok",
+                           enabled=self.progress is not False and len(todo) >= 2, unit_scale=True)
         i = 0
         while i < len(todo):
             n = max(1, self.batch_tokens // int(self.lengths[todo[i]]))

@@ -73,7 +73,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from cocorec.coco.bank import BANK_KINDS, UserBank
 from cocorec.coco.codebook import CodebookConfig, perplexity
@@ -87,6 +86,7 @@ from cocorec.knowledge.base import KnowledgeMethod, register_method, register_va
 from cocorec.knowledge.sources import LEAK, check_source
 from cocorec.train import distributed
 from cocorec.utils.io import cache_root
+from cocorec.utils.progress import progress_bar
 
 __all__ = ["CoCo", "CoCoConfig", "NO_USER_TEXT"]
 
@@ -328,7 +328,8 @@ class CoCo(KnowledgeMethod):
         # ``static`` reads no user text: every user gets the same text, hence one knowledge vector
         texts = self.user_source(data).user_texts() if cfg.user_text == "own" else [NO_USER_TEXT] * n_users
         self.kv = UserTextKVCache.from_texts(self.lm, texts, max_tokens=max_tokens, directory=cfg.kv.kv_dir,
-                                             shared_dir=shared, **cfg.kv.cache_kwargs())
+                                             shared_dir=shared, progress=self.progress,
+                                             **cfg.kv.cache_kwargs())
         shape = (cfg.codebook.prompt_len, self.lm.hidden_size) if cfg.bank == "states" else (cfg.readout.knowledge_dim,)
         self.bank = UserBank(n_users, shape, device=dev)
         if getattr(self, "judge_stats", None) is None or self.judge_stats.counts.shape[1] != n_users:
@@ -448,8 +449,8 @@ class CoCo(KnowledgeMethod):
         # Under torchrun each rank computes a shard of the rows, then every rank takes all of them (the
         # text caches above stay whole: every rank's batches read any user's).
         lo, hi = distributed.shard(len(users))
-        bar = tqdm(total=hi - lo, unit="user", desc="CoCo bank refill", leave=False, dynamic_ncols=True,
-                   disable=not self.kv.progress or hi - lo <= self.cfg.lm_batch_users)
+        bar = progress_bar(hi - lo, "CoCo bank refill", "user", leave=False,
+                           enabled=self.kv.progress is not False and hi - lo > self.cfg.lm_batch_users)
         for start in range(lo, hi, self.cfg.lm_batch_users):
             u = users[start:min(start + self.cfg.lm_batch_users, hi)]
             _, prompts, _, _ = self._codes_and_prompts(u, record=False)

@@ -45,6 +45,7 @@ class KnowledgeMethod(nn.Module):
         self.knowledge_dims: list[int] = []
         self.knowledge_names: list[str] = []  # one name per knowledge field (diagnostics)
         self.seed = 0                       # the run's seed, set by build_method
+        self.progress: bool | None = None   # long steps' progress: None a bar or log lines, False none (the trainer's quiet)
         self.source, self.corrupt, self.corruption = "lm", 0.0, "invert"
         self._source: Any = None            # the UserSource, built in prepare (methods with a source)
 

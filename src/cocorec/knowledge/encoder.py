@@ -123,13 +123,13 @@ class TextEncoder:
             model = BertModel(cfg, add_pooling_layer=False)
         return cls(model, tok, identity=f"encoder:tiny-bert:{dim}:{seed}", max_length=128, normalize=normalize)
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool | None = False) -> np.ndarray:
         """Encode ``texts`` to a ``[len(texts), dim]`` float32 array (input order kept).
 
         Texts are batched by similar length; tokens past ``max_length`` are dropped (sentence-
-        transformers behaviour).
+        transformers behaviour). ``progress``: as :func:`~cocorec.utils.progress.progress_bar`'s ``enabled``.
         """
-        from tqdm.auto import tqdm
+        from cocorec.utils.progress import progress_bar
 
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts")
@@ -137,7 +137,7 @@ class TextEncoder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # less padding per batch
         bs = max(1, int(batch_size))
-        with tqdm(total=len(texts), unit="text", desc="encode", disable=not progress) as bar, torch.inference_mode():
+        with progress_bar(len(texts), "encode", "text", enabled=progress) as bar, torch.inference_mode():
             for start in range(0, len(order), bs):
                 idx = order[start:start + bs]
                 batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,

@@ -38,7 +38,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -52,6 +51,7 @@ from cocorec.knowledge.base import KnowledgeMethod, register_method, register_va
 from cocorec.knowledge.hea import HybridExpertAdaptor
 from cocorec.knowledge.sources import LEAK, check_source, data_domain, has_ratings, item_noun
 from cocorec.utils.io import atomic_write_json, cache_root, key_of
+from cocorec.utils.progress import progress_bar
 
 __all__ = ["KarMethod", "KnowledgeStore", "R4ecMethod", "encoder_dim", "item_noun", "make_encoder", "make_lm",
            "system_message", "user_history", "TEXT_KINDS"]
@@ -156,8 +156,8 @@ class KnowledgeStore:
     """Generated texts and their vectors for one (LM, encoder, settings), on disk and resumable.
 
     ``lm`` / ``encoder``: a loaded object, or a name (``"smollm2"``, a path or hub id, ``"tiny"``)
-    loaded on first use. ``log``: where progress lines go (``None``: silent); ``progress``: tqdm bars
-    (``None``: where stderr is a terminal).
+    loaded on first use. ``log``: where progress lines go (``None``: silent); ``progress``: a bar with an ETA
+    in a terminal, a line every 30 s in a log (``None`` or ``True``; ``False``: none).
     ``stats[kind]`` counts prompts generated now vs found in the cache.
     """
 
@@ -173,7 +173,7 @@ class KnowledgeStore:
         self.item_batch_size: int | str = item_batch_size if item_batch_size == "auto" else int(item_batch_size)
         self.root = Path(root) if root is not None else cache_root() / "knowledge"
         self.lm_device, self.lm_dtype = lm_device, lm_dtype
-        self.progress = bool(sys.stderr.isatty()) if progress is None else bool(progress)
+        self.progress = progress   # None: a bar in a terminal, lines in a log (progress_bar)
         self.log = log
         self.stats: dict[str, dict[str, int]] = {}
         self.seconds: dict[str, float] = {}
@@ -285,14 +285,11 @@ class KnowledgeStore:
             n_batches = math.ceil(len(missing) / bs)
             self._say(f"{kind}: generating {len(missing)} of {len(by_key)} texts "
                       f"({len(by_key) - len(missing)} cached) in {n_batches} batches of {bs}")
-            from tqdm.auto import tqdm
-
             # The bar moves per new token (LM.generate's on_progress), so its ETA shows during the first batch.
             per_token = "on_progress" in _parameters(lm.generate)
             t_all = time.perf_counter()
             fmt = "{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}]"  # texts done, fractions within a batch
-            with tqdm(total=len(missing), desc=f"generate {kind}", unit="text", disable=not self.progress,
-                      dynamic_ncols=True, bar_format=fmt) as bar:
+            with progress_bar(len(missing), f"generate {kind}", "text", enabled=self.progress, bar_format=fmt) as bar:
                 for b in range(n_batches):
                     chunk = missing[b * bs:(b + 1) * bs]
                     t0 = time.perf_counter()

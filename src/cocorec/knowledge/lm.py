@@ -630,8 +630,8 @@ class LM:
 
         Prompts are bucketed by token length and run in left-padded batches of ``batch_size``
         (:meth:`generate_ids`); only the new text is returned, stripped. Over-long prompts are
-        truncated (see :meth:`prompt_ids`) with one warning giving the count. ``progress``: a tqdm
-        bar that moves per new token; ``on_batch(indices, texts)`` after each batch (e.g. to flush a
+        truncated (see :meth:`prompt_ids`) with one warning giving the count. ``progress``: a bar
+        (a line every 30 s in a log) that moves per new token; ``on_batch(indices, texts)`` after each batch (e.g. to flush a
         cache); ``on_progress``, ``static_cache``: as in :meth:`generate_ids`.
 
         Example:
@@ -640,7 +640,7 @@ class LM:
             ...     lm.generate([p], max_new_tokens=2)[0] for p in ["q1", "q2", "q3"]]
             True
         """
-        from tqdm.auto import tqdm
+        from cocorec.utils.progress import progress_bar
 
         if isinstance(prompts, str):
             raise TypeError("generate takes a list of prompts")
@@ -657,8 +657,8 @@ class LM:
         def texts_of(new: list[list[int]]) -> list[str]:
             return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
-        with tqdm(total=len(prompts), unit="prompt", desc="generate", disable=not progress, dynamic_ncols=True,
-                  bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}]") as bar:
+        with progress_bar(len(prompts), "generate", "prompt", enabled=progress,
+                          bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}]") as bar:
             def moved(x: float) -> None:
                 bar.update(min(x, bar.total - bar.n))  # float sums may pass the total by 1e-15
                 if on_progress is not None:

@@ -262,7 +262,7 @@ class RayKnowledgeStore(KnowledgeStore):
         return [[cache[k] for k in keys] for cache, keys in jobs]
 
     def _run(self, rows: list[dict[str, Any]], kinds: list[str], jobs: list[tuple[Any, list[str]]]) -> None:
-        from tqdm.auto import tqdm
+        from cocorec.utils.progress import progress_bar
 
         plan = self.lm
         ray = self._ray()
@@ -284,8 +284,7 @@ class RayKnowledgeStore(KnowledgeStore):
         t0 = time.perf_counter()
         first: float | None = None
         busy: list[float] = []
-        with tqdm(total=total, desc="generate (ray)", unit="text", disable=not self.progress,
-                  dynamic_ncols=True) as bar:
+        with progress_bar(total, "generate (ray)", "text", enabled=self.progress) as bar:
             for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
                 for j, keys_json, texts_json, sec in zip(batch["job"], batch["keys"], batch["texts"],
                                                          batch["seconds"]):

@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from cocorec.config import ConfigError, RunError, check_value
 from cocorec.data.errors import DataError
@@ -44,6 +43,7 @@ from cocorec.knowledge.base import KnowledgeMethod
 from cocorec.train import distributed
 from cocorec.utils.device import resolve_device as _resolve_device
 from cocorec.utils.io import atomic_write_json, read_json, save_safetensors_atomic
+from cocorec.utils.progress import progress_bar
 from cocorec.utils.seed import seed_everything
 
 
@@ -219,6 +219,8 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self.model.to(self.device)
         self.method.to(self.device)
+        if self.quiet:
+            self.method.progress = False
         with distributed.main_first():   # rank 0 fills the method's caches, the others read them
             self.method.build(self.model, data, self.output_dir)
         self.objective = distributed.wrap(Objective(model, method, config.embedding_l2), self.device)
@@ -274,8 +276,8 @@ class Trainer:
             self.method.train()
             self.method.on_epoch_start(self.epoch, steps)
             t0 = time.perf_counter()
-            bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=self.quiet,
-                       unit="batch", leave=False)
+            bar = progress_bar(steps, f"epoch {self.epoch + 1}/{self.cfg.epochs}", "batch", enabled=not self.quiet,
+                               leave=False)
             logs_sum: dict[str, float] = {}
             n_samples = 0
             # This rank's slice of each global batch, and the weight that makes DDP's gradient average
@@ -362,8 +364,8 @@ class Trainer:
         probs, fields = [], []
         rows = distributed.eval_rows(self.data.split(split).n)
         # a method that computes knowledge per batch (CoCo's k_u through the LM) makes this step minutes long
-        bar = tqdm(total=len(rows), unit="sample", desc=f"predict {split}", leave=False, dynamic_ncols=True,
-                   disable=self.quiet or len(rows) <= self.cfg.eval_batch_size)
+        bar = progress_bar(len(rows), f"predict {split}", "sample", leave=False,
+                           enabled=not self.quiet and len(rows) > self.cfg.eval_batch_size)
         for start in range(0, len(rows), self.cfg.eval_batch_size):
             batch = to_device(self.data.batch(split, rows[start:start + self.cfg.eval_batch_size]), self.device)
             with self._autocast():
