@@ -103,6 +103,8 @@ def test_run_writes_metrics_and_appends_results(ml100k, tmp_path):
     assert rec["metrics"]["test"]["auc"] == m["test"]["auc"]
     assert rec["machine"]["device"] == str(resolve_device(cfg.train.device))   # where it ran (auto: cuda if any)
     assert rec["machine"]["cpu_count"] >= 1
+    if rec["machine"]["device"] == "cpu":   # which CPU, and whether lm_dtype=auto meant bf16 on it
+        assert rec["machine"]["cpu_model"] and isinstance(rec["machine"]["native_bf16"], bool)
     assert json.loads((tmp_path / "o" / "checkpoint" / "config.json").read_text())["backbone"] == "din"
 
 

@@ -302,13 +302,25 @@ def _groups(rs: list[Mapping[str, Any]], grouping: str, which: str) -> dict[str,
 
 
 def machine_label(m: Mapping[str, Any]) -> str:
-    """``{"device": "cuda:0", "device_name": "NVIDIA H100", "cpu_count": 16, ...}`` -> a short label."""
-    dev = str(m.get("device_name") or m.get("device") or "?")
-    return (f"{dev}, {m.get('cpu_count', '?')} CPUs, {m.get('torch_threads', '?')} torch threads, "
+    """``{"device": "cuda:0", "device_name": "NVIDIA H100", "cpu_count": 16, ...}`` -> a short label.
+
+    >>> machine_label({"device": "cpu", "cpu_model": "AMD EPYC", "native_bf16": False, "cpu_count": 2,
+    ...                "torch_threads": 1, "torch": "2.13.0+cpu"})
+    'cpu (AMD EPYC, no native bf16), 2 CPUs, 1 torch threads, torch 2.13.0+cpu'
+    """
+    return (f"{_device_name(m)}, {m.get('cpu_count', '?')} CPUs, {m.get('torch_threads', '?')} torch threads, "
             f"torch {m.get('torch', '?')}")
 
 
 def machine_short(m: Mapping[str, Any]) -> str:
-    """The device alone: ``"H100 80GB HBM3"`` (GPU name without the vendor) or ``"cpu"``."""
-    name = str(m.get("device_name") or m.get("device") or "?")
+    """The device alone: ``"H100 80GB HBM3"`` (GPU name without the vendor), ``"cpu (AMD EPYC, no native
+    bf16)"`` (the model and its bf16 recorded since 2026-12-07), ``"cpu"`` (before)."""
+    name = _device_name(m)
     return name[len("NVIDIA "):] if name.startswith("NVIDIA ") else name
+
+
+def _device_name(m: Mapping[str, Any]) -> str:
+    name = str(m.get("device_name") or m.get("device") or "?")
+    if "cpu_model" in m and "device_name" not in m:
+        name += f" ({m['cpu_model']}, {'native' if m.get('native_bf16') else 'no native'} bf16)"
+    return name

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from cocorec.errors import InputError
-from cocorec.utils.device import resolve_device
+from cocorec.utils.device import native_bf16, resolve_device
 from cocorec.utils.io import atomic_replace_dir, atomic_write_json, cache_root, file_sha256, key_of
 
 __all__ = [
@@ -144,18 +144,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes in bf16 natively: CUDA, or a CPU with AVX512-BF16/AMX (oneDNN)."""
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

@@ -44,6 +44,7 @@ from cocorec.knowledge.base import METHODS, build_method, check_method_args, imp
 from cocorec.models import MODELS, build_model
 from cocorec.train import distributed
 from cocorec.train.trainer import TrainConfig, Trainer, check_finite_metrics, resolve_device
+from cocorec.utils.device import cpu_model, native_bf16
 from cocorec.utils.io import atomic_write_json, key_of, nonfinite_to_none, read_json, strict_json_dumps, to_jsonable
 from cocorec.utils.seed import seed_everything
 
@@ -142,6 +143,8 @@ def machine_info(device: torch.device | str) -> dict[str, Any]:
                             "torch": torch.__version__, "python": platform.python_version()}
     if dev.type == "cuda" and torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name(dev)
+    else:   # which CPU, and whether it runs bf16 natively (what lm_dtype=auto picks there)
+        info["cpu_model"], info["native_bf16"] = cpu_model(), native_bf16(dev)
     if distributed.world_size() > 1:   # a torchrun run: its processes (one device each)
         info["processes"] = distributed.world_size()
     return info
