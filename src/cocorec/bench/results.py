@@ -314,13 +314,13 @@ def machine_label(m: Mapping[str, Any]) -> str:
 
 def machine_short(m: Mapping[str, Any]) -> str:
     """The device alone: ``"H100 80GB HBM3"`` (GPU name without the vendor), ``"cpu (AMD EPYC, no native
-    bf16)"`` (the model and its bf16 recorded since 2026-12-07), ``"cpu"`` (before)."""
+    bf16)"``, or ``"cpu"`` for a line that does not record its CPU model."""
     name = _device_name(m)
     return name[len("NVIDIA "):] if name.startswith("NVIDIA ") else name
 
 
 def _device_name(m: Mapping[str, Any]) -> str:
     name = str(m.get("device_name") or m.get("device") or "?")
-    if "cpu_model" in m and "device_name" not in m:
+    if "cpu_model" in m:   # machine_info records it for a CPU run only
         name += f" ({m['cpu_model']}, {'native' if m.get('native_bf16') else 'no native'} bf16)"
     return name

@@ -619,8 +619,8 @@ class LM:
         Prompts are bucketed by token length and run in left-padded batches of ``batch_size``
         (:meth:`generate_ids`); only the new text is returned, stripped. Over-long prompts are
         truncated (see :meth:`prompt_ids`) with one warning giving the count. ``progress``: a bar
-        (a line every 30 s in a log) that moves per new token; ``on_batch(indices, texts)`` after each batch (e.g. to flush a
-        cache); ``on_progress``, ``static_cache``: as in :meth:`generate_ids`.
+        (a line every 30 s in a log) that moves per new token; ``on_batch(indices, texts)`` after each
+        batch (e.g. to flush a cache); ``on_progress``, ``static_cache``: as in :meth:`generate_ids`.
 
         Example:
             >>> lm = tiny_lm()
