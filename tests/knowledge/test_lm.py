@@ -345,3 +345,16 @@ def test_bf16_on_a_cpu_that_emulates_it_warns_and_auto_avoids_it(tmp_path: Path,
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_lm(LMConfig(str(tmp_path), device="cpu", dtype="bf16")).dtype == torch.bfloat16
+
+
+def test_loading_a_model_directory_draws_no_transformers_bar_and_keeps_the_global_setting(
+        tmp_path: Path, capfd) -> None:
+    from transformers.utils import logging as hf_logging
+
+    tiny = tiny_lm()
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    assert hf_logging.is_progress_bar_enabled()
+    load_lm(LMConfig(str(tmp_path), device="cpu"))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()

@@ -34,7 +34,8 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -727,6 +728,21 @@ class LM:
 # Loading
 
 
+@contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers' own "Loading weights" bar, off: a load from a local directory takes about a second,
+    and the bar wrote redraws into logs and quiet runs. The setting is global; the caller's comes back."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _looks_like_path(s: str) -> bool:
     # A hub id is "name" or "org/name"; anything else with a separator is meant as a path.
     return s.startswith(("/", ".", "~")) or s.count("/") > 1 or os.sep in s.replace("/", "") or s.endswith(".gguf")
@@ -773,9 +789,10 @@ def convert_gguf(path: str | os.PathLike, root: str | os.PathLike | None = None)
     log.info("converting %s to safetensors (once) in %s", path, final)
     try:
         try:
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                         trust_remote_code=False)
+            with _no_loading_bar():
+                tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+                model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                             trust_remote_code=False)
         except Exception as e:  # gguf / transformers raise many types for a corrupt file
             raise LMError(f"{path}: corrupt or unsupported GGUF file ({_one_line(e)})") from e
         # The dequantized float weights are an ordinary model: drop the GGUF quantizer so it saves.
@@ -805,13 +822,16 @@ def _load_dir(model_dir: Path, identity: str, cfg: LMConfig) -> LM:
                       "emulated and several times slower than float32; dtype 'auto' picks float32 here",
                       stacklevel=3)
     extra: dict[str, Any] = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
+    t0 = time.perf_counter()
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True,
-                                                     trust_remote_code=False, **extra)
+        with _no_loading_bar():
+            tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True,
+                                                         trust_remote_code=False, **extra)
     except Exception as e:
         raise LMError(f"{model_dir}: cannot load model ({_one_line(e)})") from e
     model = model.to(device)
+    log.info("loaded %s (%s, %s) in %.1f s", identity, _dtype_name(dtype), device, time.perf_counter() - t0)
     return LM(model, tok, identity=identity, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
               max_input_tokens=cfg.max_input_tokens, static_cache=cfg.static_cache)
 
